@@ -1,0 +1,51 @@
+"""The Keras notebook's settings: U-Net base 64 / depth 4 on 256x256x3, batch 32, 100 epochs,
+Adam 1e-4, Dice loss, ReduceLROnPlateau(val_loss, factor 0.5, patience 5).
+
+Unlike the notebook, splits are by patient (80/10/10); set data.split_mode='slice' to
+reproduce its leaky slice-level split.
+
+    python run.py --config=configs/unet.py --config.data.manual_dir=PATH --workdir=runs/unet
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 32  # global batch, split across devices
+    config.eval_batch_size = 32
+    config.num_epochs = 100
+    config.learning_rate = 1e-4
+    config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
+    config.dtype = "float32"  # compute dtype; parameters always stay float32
+    config.log_every_steps = 50
+
+    # Keras ReduceLROnPlateau(monitor='val_loss') semantics, stepped once per epoch.
+    config.plateau = ml_collections.ConfigDict()
+    config.plateau.factor = 0.5
+    config.plateau.patience = 5
+    config.plateau.min_delta = 1e-4  # Keras default: improvement means val_loss < best - 1e-4
+    config.plateau.cooldown = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.manual_dir = ""  # kaggle_3m folder, a folder holding it, or the Kaggle zip
+    config.data.data_dir = ""  # prepared data sets; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.download = False  # fetch with kagglehub when nothing is found locally
+    config.data.phantom = False  # with no manual_dir: train on the synthetic phantom instead
+    config.data.phantom_patients = 12
+    config.data.phantom_slices = 20
+    config.data.phantom_seed = 0
+    config.data.image_size = 256  # the model's input size; slices are resized on device
+    config.data.split_mode = "patient"  # "patient", or "slice" (leaky: the notebook's split)
+    config.data.split_seed = 0
+    config.data.split_fractions = (0.8, 0.1, 0.1)  # train, validation, test (of patients)
+    config.data.num_threads = 4  # grain reader threads
+    config.data.num_workers = 0  # grain worker processes (0: read in this process)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.features = 64  # base width; level i has features * 2**i channels
+    config.model.depth = 4  # number of down-sampling steps
+    config.model.batch_norm = True
+    config.model.dropout = 0.0  # dropout rate on the bottleneck
+    return config

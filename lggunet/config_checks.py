@@ -1,0 +1,45 @@
+"""Checks a config before any work starts, so a run cannot fail an hour in on a typo."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from lggunet.errors import ConfigError
+from lggunet.losses import LOSSES
+
+__all__ = ["ConfigError", "check"]
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the field when the config cannot work."""
+    size, depth = config.data.image_size, config.model.depth
+    if size <= 0 or size % 2**depth:
+        raise ConfigError(
+            f"data.image_size={size} must be a positive multiple of 2**model.depth={2**depth}"
+        )
+    fractions = tuple(config.data.split_fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(
+            f"data.split_fractions={fractions} must be (train, validation, test), "
+            "non-negative, summing to 1"
+        )
+    if fractions[0] == 0 or fractions[1] == 0:
+        raise ConfigError("data.split_fractions: training needs train and validation splits")
+    if config.data.split_mode not in ("patient", "slice"):
+        raise ConfigError(f"data.split_mode={config.data.split_mode!r}: use 'patient' or 'slice'")
+    for name in ("batch_size", "eval_batch_size"):
+        value = config[name]
+        if value <= 0 or value % jax.local_device_count():
+            raise ConfigError(
+                f"{name}={value} must be a positive multiple of the {jax.local_device_count()} "
+                "local devices"
+            )
+    if config.loss not in LOSSES:
+        raise ConfigError(f"loss={config.loss!r}: choose one of {sorted(LOSSES)}")
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+    if config.num_epochs <= 0 or config.learning_rate <= 0:
+        raise ConfigError("num_epochs and learning_rate must be positive")
+    if not 0 <= config.model.dropout < 1:
+        raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")

@@ -1,0 +1,102 @@
+"""Locate the data (folder, zip, Kaggle download or synthetic phantom) and prepare it with tfds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ml_collections
+import tensorflow_datasets as tfds
+from absl import logging
+
+from lggunet import kaggle3m, phantom
+from lggunet.datasets.lgg_mri_segmentation import LggMriSegmentation, make_config
+from lggunet.errors import DataError
+
+KAGGLE_HANDLE = "mateuszbuda/lgg-mri-segmentation"
+
+
+def data_dir(data_config: ml_collections.ConfigDict) -> Path:
+    """Prepared data sets: `data.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    path = data_config.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return Path(path).expanduser()
+
+
+def default_manual_dir(data_config: ml_collections.ConfigDict) -> Path:
+    """tfds's conventional place for a manual download of this data set."""
+    return data_dir(data_config) / "downloads" / "manual" / "lgg_mri_segmentation"
+
+
+def _download(target: Path) -> Path:
+    try:
+        import kagglehub
+
+        return Path(kagglehub.dataset_download(KAGGLE_HANDLE))
+    except Exception as e:  # no network, no credentials, Kaggle refusing: all end the same way
+        raise DataError(
+            f"could not download {KAGGLE_HANDLE} with kagglehub ({type(e).__name__}: {e}).\n"
+            f"Download it by hand and put the zip or the extracted folder in {target}, "
+            f"or pass --config.data.manual_dir=PATH.\n{kaggle3m.HOW_TO_GET_DATA}"
+        ) from e
+
+
+def locate_source(data_config: ml_collections.ConfigDict) -> Path:
+    """The folder or zip to read: manual_dir, else the phantom, else the default place, else
+    a kagglehub download when `data.download` is set; otherwise a DataError saying what to do."""
+    if data_config.manual_dir:
+        return Path(data_config.manual_dir).expanduser()
+    if data_config.get("phantom", False):
+        root = (
+            data_dir(data_config)
+            / "lgg_phantom"
+            / (
+                f"{data_config.phantom_patients}x{data_config.phantom_slices}"
+                f"-seed{data_config.phantom_seed}"
+            )
+        )
+        logging.info("No manual_dir given: using the synthetic phantom data set in %s", root)
+        return phantom.write_phantom(
+            root,
+            num_patients=data_config.phantom_patients,
+            slices_per_patient=data_config.phantom_slices,
+            seed=data_config.phantom_seed,
+        )
+    default = default_manual_dir(data_config)
+    if default.exists() and any(default.iterdir()):
+        return default
+    if data_config.get("download", False):
+        return _download(default)
+    raise DataError(
+        "no LGG data found: --config.data.manual_dir is empty and nothing is in the default "
+        f"place {default}.\nPut the Kaggle zip (lgg-mri-segmentation.zip) or the extracted "
+        f"folder holding kaggle_3m/ in {default}, or pass --config.data.manual_dir=PATH.\n"
+        f"{kaggle3m.HOW_TO_GET_DATA}"
+    )
+
+
+def prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
+    """Builds (once per source, split and seed) and returns the prepared tfds builder."""
+    source_path = locate_source(data_config)
+    source = kaggle3m.open_source(source_path)
+    config = make_config(
+        fingerprint=source.fingerprint(),
+        source=str(source_path),
+        split_mode=data_config.split_mode,
+        split_seed=data_config.split_seed,
+        split_fractions=tuple(data_config.split_fractions),
+    )
+    builder = LggMriSegmentation(
+        config=config, data_dir=str(data_dir(data_config)), file_format="array_record"
+    )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=str(source_path if source_path.is_dir() else source_path.parent)
+        )
+    )
+    recorded = builder.info.metadata.get("fingerprint")
+    if recorded != config.fingerprint:  # never serve a copy made from other data
+        raise DataError(
+            f"{builder.data_path}: prepared from a source with fingerprint {recorded}, "
+            f"not {config.fingerprint} ({source.location}); delete that folder and rerun"
+        )
+    return builder

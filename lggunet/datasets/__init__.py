@@ -1,0 +1,1 @@
+"""tfds data sets of lggunet."""

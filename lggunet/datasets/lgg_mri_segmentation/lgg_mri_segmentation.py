@@ -1,0 +1,131 @@
+"""tfds builder for the LGG MRI Segmentation data set (Kaggle `kaggle_3m/`), split by patient."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from lggunet import kaggle3m, splits
+
+_DESCRIPTION = """\
+Brain MR images of 110 lower-grade glioma patients from The Cancer Imaging Archive (TCGA-LGG),
+with manual FLAIR abnormality masks (Buda et al. 2019). Each example is one axial slice:
+a 256x256x3 uint8 image whose channels are pre-contrast, FLAIR and post-contrast, and a
+256x256x1 uint8 mask in {0, 1}. Splits are made by patient unless the config says otherwise.
+"""
+
+_HOMEPAGE = "https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"
+
+
+@dataclasses.dataclass
+class LggConfig(tfds.core.BuilderConfig):
+    """How to split, and which source the prepared files come from.
+
+    `fingerprint` (of the source's file list, sizes and stamps) is part of the config name, so
+    a different or changed source prepares into a new folder instead of reusing a stale one.
+    """
+
+    split_mode: str = "patient"  # "patient" (honest) or "slice" (leaky, the notebook's)
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    fingerprint: str = ""
+    source: str = ""  # the folder or zip to read; "" = the download manager's manual_dir
+
+
+def make_config(
+    fingerprint: str,
+    source: str = "",
+    split_mode: str = "patient",
+    split_seed: int = 0,
+    split_fractions=(0.8, 0.1, 0.1),
+) -> LggConfig:
+    fractions = tuple(float(f) for f in split_fractions)
+    pct = "-".join(f"{round(f * 100):d}" for f in fractions)
+    return LggConfig(
+        name=f"{split_mode}-seed{split_seed}-{pct}-{fingerprint[:16]}",
+        description=f"{split_mode}-level split {fractions}, seed {split_seed}",
+        split_mode=split_mode,
+        split_seed=split_seed,
+        split_fractions=fractions,
+        fingerprint=fingerprint,
+        source=str(source),
+    )
+
+
+class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
+    """LGG MRI Segmentation (kaggle_3m), one example per slice."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [make_config(fingerprint="any")]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = kaggle3m.HOW_TO_GET_DATA
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=_DESCRIPTION,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(256, 256, 3), dtype=np.uint8),
+                    "mask": tfds.features.Image(shape=(256, 256, 1), dtype=np.uint8),
+                    "patient_id": tfds.features.Text(),
+                    "institution": tfds.features.Text(),
+                    "slice_index": np.int32,
+                }
+            ),
+            homepage=_HOMEPAGE,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        config: LggConfig = self.builder_config
+        source = kaggle3m.open_source(config.source or dl_manager.manual_dir)
+        fingerprint = source.fingerprint()
+        if fingerprint != config.fingerprint:
+            raise kaggle3m.DataError(
+                f"{source.location}: its fingerprint {fingerprint[:16]} does not match the "
+                f"config's {config.fingerprint[:16]}; make the config with make_config()"
+            )
+        slices = kaggle3m.list_slices(source)
+        if config.split_mode == "patient":
+            by_patient = splits.split_by_patient(
+                [s.patient_id for s in slices], config.split_fractions, config.split_seed
+            )
+            names = [by_patient[s.patient_id] for s in slices]
+        elif config.split_mode == "slice":
+            names = splits.split_by_slice(len(slices), config.split_fractions, config.split_seed)
+        else:
+            raise ValueError(f"split_mode must be 'patient' or 'slice', not {config.split_mode!r}")
+        per_split = {
+            name: [s for s, n in zip(slices, names, strict=True) if n == name]
+            for name in splits.SPLITS
+        }
+        self.info.metadata.update(
+            source=source.location,
+            fingerprint=fingerprint,
+            split_mode=config.split_mode,
+            split_seed=config.split_seed,
+            split_fractions=list(config.split_fractions),
+            patients={n: sorted({s.patient_id for s in v}) for n, v in per_split.items()},
+        )
+        return {
+            name: self._generate_examples(source, part) for name, part in per_split.items() if part
+        }
+
+    def _generate_examples(self, source: kaggle3m.Source, slices: list[kaggle3m.Slice]):
+        for s in slices:
+            image = kaggle3m.read_image(source, s.image)
+            mask = kaggle3m.read_mask(source, s.mask)
+            yield (
+                f"{s.case}_{s.index}",
+                {
+                    "image": PIL.Image.fromarray(image, mode="RGB"),
+                    "mask": PIL.Image.fromarray(mask, mode="L"),
+                    "patient_id": s.patient_id,
+                    "institution": s.institution,
+                    "slice_index": s.index,
+                },
+            )

@@ -1,0 +1,13 @@
+"""The project's error types: every bad input ends in one of these, naming the file."""
+
+
+class LggUnetError(Exception):
+    """Base class for lggunet's own errors."""
+
+
+class DataError(LggUnetError):
+    """Bad or missing input data; the message names the file and the problem."""
+
+
+class ConfigError(LggUnetError):
+    """A config that cannot work; raised before any work starts."""

@@ -1,0 +1,299 @@
+"""Find, list, validate and read the Kaggle `kaggle_3m/` folder, extracted or zipped.
+
+Layout (Kaggle `mateuszbuda/lgg-mri-segmentation`)::
+
+    kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif        256x256x3 uint8
+    kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12_mask.tif   256x256 uint8 {0,255}
+    kaggle_3m/data.csv
+
+The three image channels are pre-contrast, FLAIR and post-contrast. A zip is read in place,
+never extracted, so member paths cannot write anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import tifffile
+
+from lggunet.errors import DataError
+
+IMAGE_SHAPE = (256, 256, 3)
+MASK_SHAPE = (256, 256)
+FOLDER_NAME = "kaggle_3m"
+
+_SLICE_RE = re.compile(
+    r"^(?P<case>(?P<patient>TCGA_(?P<institution>[A-Za-z0-9]{2})_[A-Za-z0-9]+)_[0-9]+)"
+    r"_(?P<index>[0-9]+)(?P<mask>_mask)?\.tiff?$"
+)
+
+HOW_TO_GET_DATA = """\
+Get the LGG MRI Segmentation data set (Kaggle `mateuszbuda/lgg-mri-segmentation`) in one of
+these ways:
+  * by hand: download the zip from
+      https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation
+    and pass the zip, or the folder you extracted it to (the one holding `kaggle_3m/`), with
+      --config.data.manual_dir=PATH
+  * automatically: pass --config.data.download=True (needs Kaggle credentials for kagglehub,
+    see https://github.com/Kaggle/kagglehub#authenticate)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """One slice of one patient: where its image and mask live inside the source."""
+
+    patient_id: str  # e.g. "TCGA_CS_4941" (the key of data.csv)
+    case: str  # e.g. "TCGA_CS_4941_19960909" (the patient folder)
+    institution: str  # e.g. "CS"
+    index: int  # the slice number in the file name (1-based, as in the data set)
+    image: str  # member path of the image inside the source
+    mask: str  # member path of the mask inside the source
+
+
+class Source:
+    """A `kaggle_3m/` tree: member paths relative to it, their sizes, and their bytes."""
+
+    location: str
+
+    def members(self) -> dict[str, int]:
+        """Relative POSIX path -> size in bytes, for every file under `kaggle_3m/`."""
+        raise NotImplementedError
+
+    def read(self, member: str) -> bytes:
+        raise NotImplementedError
+
+    def describe(self, member: str) -> str:
+        """A human-readable name for a member, for error messages."""
+        return f"{self.location}/{member}"
+
+    def fingerprint(self) -> str:
+        """A digest of the location, file list, sizes and stamps: changes when the data does."""
+        raise NotImplementedError
+
+
+class FolderSource(Source):
+    """An extracted `kaggle_3m/` folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.location = str(root)
+        self._members: dict[str, int] | None = None
+        self._stamps: dict[str, int] = {}
+
+    def members(self) -> dict[str, int]:
+        if self._members is None:
+            members = {}
+            for dirpath, _, filenames in os.walk(self.root):
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    rel = path.relative_to(self.root).as_posix()
+                    stat = path.stat()
+                    members[rel] = stat.st_size
+                    self._stamps[rel] = stat.st_mtime_ns
+            self._members = members
+        return self._members
+
+    def read(self, member: str) -> bytes:
+        try:
+            return (self.root / member).read_bytes()
+        except OSError as e:
+            raise DataError(f"{self.describe(member)}: cannot read file: {e}") from e
+
+    def fingerprint(self) -> str:
+        members = self.members()
+        rows = [(m, members[m], self._stamps[m]) for m in sorted(members)]
+        return _digest([str(self.root.resolve()), *rows])
+
+
+class ZipSource(Source):
+    """`kaggle_3m/` inside a zip (possibly nested one folder deep), read without extracting."""
+
+    def __init__(self, zip_path: Path, prefix: str):
+        self.zip_path = zip_path
+        self.prefix = prefix  # e.g. "kaggle_3m/" or "lgg-mri-segmentation/kaggle_3m/"
+        self.location = f"{zip_path}!{prefix.rstrip('/')}"
+        self._zip = zipfile.ZipFile(zip_path)
+        self._infos = {
+            info.filename[len(prefix) :]: info
+            for info in self._zip.infolist()
+            if info.filename.startswith(prefix) and not info.is_dir()
+        }
+
+    def members(self) -> dict[str, int]:
+        return {name: info.file_size for name, info in self._infos.items()}
+
+    def read(self, member: str) -> bytes:
+        try:
+            return self._zip.read(self._infos[member])
+        except (zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+            raise DataError(f"{self.describe(member)}: cannot read zip member: {e}") from e
+
+    def fingerprint(self) -> str:
+        infos = self._infos
+        rows = [(m, infos[m].file_size, infos[m].CRC) for m in sorted(infos)]
+        return _digest([str(self.zip_path.resolve()), self.prefix, *rows])
+
+    def __getstate__(self):  # zip handles do not pickle; reopen in the other process
+        return {"zip_path": self.zip_path, "prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["zip_path"], state["prefix"])
+
+
+def _digest(rows: Iterable) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(repr(row).encode())
+    return h.hexdigest()
+
+
+def _zip_prefix(zip_path: Path) -> str | None:
+    """The shallowest `kaggle_3m/` folder in a zip (at the top or one level down), if any."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{zip_path}: not a readable zip file: {e}") from e
+    prefixes = set()
+    for name in names:
+        parts = PurePosixPath(name).parts
+        for depth in (0, 1):
+            if len(parts) > depth + 1 and parts[depth] == FOLDER_NAME:
+                prefixes.add("/".join(parts[: depth + 1]) + "/")
+    if not prefixes:
+        return None
+    return min(prefixes, key=lambda p: (p.count("/"), p))
+
+
+def _looks_like_kaggle_3m(folder: Path) -> bool:
+    return folder.name == FOLDER_NAME or any(
+        p.is_dir() and p.name.startswith("TCGA_") for p in folder.iterdir()
+    )
+
+
+def open_source(manual_dir: str | os.PathLike) -> Source:
+    """Finds `kaggle_3m/` at, in, or one folder below `manual_dir`, or in a zip there."""
+    path = Path(manual_dir).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder.\n{HOW_TO_GET_DATA}")
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path}: not a folder and not a zip file.\n{HOW_TO_GET_DATA}")
+        prefix = _zip_prefix(path)
+        if prefix is None:
+            raise DataError(f"{path}: the zip holds no `{FOLDER_NAME}/` folder.\n{HOW_TO_GET_DATA}")
+        return ZipSource(path, prefix)
+    if _looks_like_kaggle_3m(path):
+        return FolderSource(path)
+    for candidate in [path / FOLDER_NAME, *sorted(path.glob(f"*/{FOLDER_NAME}"))]:
+        if candidate.is_dir():
+            return FolderSource(candidate)
+    for zip_path in sorted(path.glob("*.zip")):
+        prefix = _zip_prefix(zip_path)
+        if prefix is not None:
+            return ZipSource(zip_path, prefix)
+    raise DataError(
+        f"{path}: found no `{FOLDER_NAME}/` folder, patient folders (TCGA_*) or zip holding "
+        f"them.\n{HOW_TO_GET_DATA}"
+    )
+
+
+def list_slices(source: Source) -> list[Slice]:
+    """Pairs every image with its mask; raises DataError naming any file that breaks the layout."""
+    images: dict[tuple[str, int], tuple[str, re.Match]] = {}
+    masks: dict[tuple[str, int], str] = {}
+    for member in sorted(source.members()):
+        name = PurePosixPath(member).name
+        if not name.lower().endswith((".tif", ".tiff")):
+            continue  # data.csv, README files and the like
+        match = _SLICE_RE.match(name)
+        if match is None:
+            raise DataError(
+                f"{source.describe(member)}: file name does not follow "
+                "TCGA_<inst>_<id>_<date>_<n>.tif or ..._<n>_mask.tif (no slice number?)"
+            )
+        key = (match["case"], int(match["index"]))
+        table = masks if match["mask"] else images
+        if key in table:
+            other = table[key] if match["mask"] else table[key][0]
+            raise DataError(
+                f"{source.describe(member)}: duplicate slice number {key[1]} of {key[0]} "
+                f"(also {source.describe(other)})"
+            )
+        table[key] = member if match["mask"] else (member, match)
+    for key, member in masks.items():
+        if key not in images:
+            raise DataError(f"{source.describe(member)}: mask without an image")
+    slices = []
+    for key, (member, match) in sorted(images.items()):
+        if key not in masks:
+            raise DataError(f"{source.describe(member)}: image without a mask")
+        slices.append(
+            Slice(
+                patient_id=match["patient"],
+                case=match["case"],
+                institution=match["institution"],
+                index=key[1],
+                image=member,
+                mask=masks[key],
+            )
+        )
+    if not slices:
+        raise DataError(f"{source.location}: no slices (*.tif with *_mask.tif) found")
+    return slices
+
+
+def _read_tiff(source: Source, member: str) -> np.ndarray:
+    data = source.read(member)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) != 1:
+                raise DataError(
+                    f"{source.describe(member)}: a stack of {len(tif.pages)} pages, "
+                    "expected one slice"
+                )
+            return tif.pages[0].asarray()
+    except DataError:
+        raise
+    except Exception as e:  # tifffile raises many types on broken files
+        raise DataError(
+            f"{source.describe(member)}: unreadable TIFF ({type(e).__name__}: {e})"
+        ) from e
+
+
+def read_image(source: Source, member: str) -> np.ndarray:
+    """The (256, 256, 3) uint8 image (pre-contrast, FLAIR, post-contrast)."""
+    image = _read_tiff(source, member)
+    if image.shape != IMAGE_SHAPE or image.dtype != np.uint8:
+        raise DataError(
+            f"{source.describe(member)}: image is {image.dtype} {image.shape}, "
+            f"expected uint8 {IMAGE_SHAPE}"
+        )
+    return image
+
+
+def read_mask(source: Source, member: str) -> np.ndarray:
+    """The (256, 256) uint8 mask in {0, 1}; files may hold {0, 255} or {0, 1}."""
+    mask = _read_tiff(source, member)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.shape != MASK_SHAPE or mask.dtype != np.uint8:
+        raise DataError(
+            f"{source.describe(member)}: mask is {mask.dtype} {mask.shape}, "
+            f"expected uint8 {MASK_SHAPE}"
+        )
+    values = np.unique(mask)
+    if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+        raise DataError(
+            f"{source.describe(member)}: mask values {values[:8].tolist()} are not in "
+            "{0, 255} (or {0, 1})"
+        )
+    return (mask > 0).astype(np.uint8)

@@ -1,0 +1,65 @@
+"""The 2D U-Net (Ronneberger et al. 2015) as used by the Keras notebook and Buda et al."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions, each followed by BatchNorm (optional) and ReLU."""
+
+    features: int
+    batch_norm: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for _ in range(2):
+            x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
+            if self.batch_norm:
+                # Keras defaults (momentum 0.99, epsilon 1e-3), as in the notebook.
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=self.dtype
+                )(x)
+            x = nn.relu(x)
+        return x
+
+
+class UNet(nn.Module):
+    """U-Net returning per-pixel logits (B, H, W, 1) in float32; apply a sigmoid for p(tumour).
+
+    Widths are features * 2**level for level 0..depth (the bottleneck is level `depth`);
+    H and W must be divisible by 2**depth. Parameters stay float32; `dtype` sets the compute
+    precision. Dropout (rate `dropout`) is applied to the bottleneck when training.
+    """
+
+    features: int = 64
+    depth: int = 4
+    batch_norm: bool = True
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.shape[1] % 2**self.depth or x.shape[2] % 2**self.depth:
+            raise ValueError(f"image size {x.shape[1:3]} is not divisible by 2**{self.depth}")
+        x = x.astype(self.dtype)
+        skips = []
+        for level in range(self.depth):
+            x = ConvBlock(self.features * 2**level, self.batch_norm, self.dtype)(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = ConvBlock(self.features * 2**self.depth, self.batch_norm, self.dtype)(x, train)
+        if self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        for level in reversed(range(self.depth)):
+            width = self.features * 2**level
+            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            x = jnp.concatenate([x, skips[level]], axis=-1)
+            x = ConvBlock(width, self.batch_norm, self.dtype)(x, train)
+        logits = nn.Conv(1, (1, 1), dtype=self.dtype)(x)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,91 @@
+"""Metrics against NumPy formulas of the notebook and hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from lggunet import losses, metrics
+
+
+def np_dice(t, p, s=100.0):
+    t, p = t.ravel().astype(np.float64), p.ravel().astype(np.float64)
+    return (2 * np.sum(t * p) + s) / (np.sum(t) + np.sum(p) + s)
+
+
+def np_iou(t, p, s=100.0):
+    t, p = t.ravel().astype(np.float64), p.ravel().astype(np.float64)
+    inter = np.sum(t * p)
+    return (inter + s) / (np.sum(t + p) - inter + s)
+
+
+@pytest.fixture
+def soft_batch():
+    rng = np.random.default_rng(0)
+    t = (rng.random((4, 16, 16, 1)) > 0.7).astype(np.float32)
+    p = rng.random((4, 16, 16, 1)).astype(np.float32)
+    return t, p
+
+
+def test_notebook_formulas_match_numpy(soft_batch):
+    t, p = soft_batch
+    np.testing.assert_allclose(metrics.dice_coef(t, p), np_dice(t, p), rtol=1e-5)
+    np.testing.assert_allclose(metrics.iou_coef(t, p), np_iou(t, p), rtol=1e-5)
+    np.testing.assert_allclose(losses.dice_loss(np.log(p / (1 - p)), t), -np_dice(t, p), rtol=1e-4)
+    acc = np.mean((p > 0.5) == (t > 0.5))
+    np.testing.assert_allclose(metrics.pixel_accuracy(t, p), acc, rtol=1e-6)
+
+
+def test_weights_drop_padding_examples(soft_batch):
+    t, p = soft_batch
+    w = np.array([1, 1, 0, 0], np.float32)
+    np.testing.assert_allclose(metrics.dice_coef(t, p, w), np_dice(t[:2], p[:2]), rtol=1e-5)
+    np.testing.assert_allclose(metrics.iou_coef(t, p, w), np_iou(t[:2], p[:2]), rtol=1e-5)
+    acc = np.mean((p[:2] > 0.5) == (t[:2] > 0.5))
+    np.testing.assert_allclose(metrics.pixel_accuracy(t, p, w), acc, rtol=1e-6)
+
+
+def test_hand_cases():
+    empty = np.zeros((1, 10, 10, 1), np.float32)
+    full = np.ones((1, 10, 10, 1), np.float32)
+    # All empty: (0 + 100) / (0 + 0 + 100) = 1.
+    assert float(metrics.dice_coef(empty, empty)) == pytest.approx(1.0)
+    assert float(metrics.iou_coef(empty, empty)) == pytest.approx(1.0)
+    # Perfect on 100 pixels: (200 + 100) / (100 + 100 + 100) = 1; IoU (100+100)/(200-100+100).
+    assert float(metrics.dice_coef(full, full)) == pytest.approx(1.0)
+    assert float(metrics.iou_coef(full, full)) == pytest.approx(1.0)
+    # Disjoint halves, 50 pixels each: dice (0 + 100) / (50 + 50 + 100) = 0.5,
+    # iou (0 + 100) / (100 - 0 + 100) = 0.5.
+    left = np.zeros((1, 10, 10, 1), np.float32)
+    left[:, :, :5] = 1
+    right = 1 - left
+    assert float(metrics.dice_coef(left, right)) == pytest.approx(0.5)
+    assert float(metrics.iou_coef(left, right)) == pytest.approx(0.5)
+    # Half overlap: truth 50 px, prediction all 100 px: dice (100 + 100) / (50 + 100 + 100) = 0.8,
+    # iou (50 + 100) / (150 - 50 + 100) = 0.75.
+    assert float(metrics.dice_coef(left, full)) == pytest.approx(0.8)
+    assert float(metrics.iou_coef(left, full)) == pytest.approx(0.75)
+    assert float(metrics.pixel_accuracy(left, full)) == pytest.approx(0.5)
+
+
+def test_per_slice_and_per_volume_dice():
+    # Three slices: perfect (10 px), empty/empty, disjoint (4 px truth, 6 px predicted).
+    t = np.zeros((3, 8, 8, 1), np.float32)
+    p = np.zeros((3, 8, 8, 1), np.float32)
+    t[0, :2, :5] = 1
+    p[0, :2, :5] = 0.9
+    t[2, 0, :4] = 1
+    p[2, 5, :6] = 0.8
+    stats = {k: np.asarray(v) for k, v in metrics.slice_stats(t, p).items()}
+    np.testing.assert_array_equal(stats["intersection"], [10, 0, 0])
+    np.testing.assert_array_equal(stats["true_area"], [10, 0, 4])
+    np.testing.assert_array_equal(stats["pred_area"], [10, 0, 6])
+    np.testing.assert_allclose(metrics.per_slice_dice(**stats), [1.0, 1.0, 0.0])
+    # Patient a = slices 0 and 2: 2*10 / (14 + 16); patient b = the empty slice: 1.0.
+    vol = metrics.per_volume_dice(["a", "b", "a"], **stats)
+    assert vol == {"a": pytest.approx(20 / 30), "b": 1.0}
+
+
+def test_bce_dice_loss_matches_numpy(soft_batch):
+    t, p = soft_batch
+    logits = np.log(p / (1 - p))
+    bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
+    np.testing.assert_allclose(losses.bce_dice_loss(logits, t), bce - np_dice(t, p), rtol=1e-4)

@@ -1,0 +1,88 @@
+"""U-Net: shapes, an independently computed parameter count, and gradient flow."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lggunet import models
+
+
+def expected_params(base: int, depth: int, in_ch: int = 3, batch_norm: bool = True) -> int:
+    """Counts weights by hand: 3x3 convs with bias, BN scale+bias, 2x2 transposed convs, head."""
+
+    def conv(cin, cout, k):
+        return k * k * cin * cout + cout
+
+    def block(cin, cout):
+        return conv(cin, cout, 3) + conv(cout, cout, 3) + (4 * cout if batch_norm else 0)
+
+    total, cin = 0, in_ch
+    for level in range(depth):
+        total += block(cin, base * 2**level)
+        cin = base * 2**level
+    total += block(cin, base * 2**depth)
+    for level in reversed(range(depth)):
+        w = base * 2**level
+        total += conv(2 * w, w, 2) + block(2 * w, w)
+    return total + conv(base, 1, 1)
+
+
+def count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_classic_unet_parameter_count():
+    model = models.UNet(features=64, depth=4)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+    )
+    n = count(shapes["params"])
+    assert n == expected_params(64, 4)
+    assert 31.0e6 < n < 31.1e6  # the classic ~31M U-Net (plus 11,776 BatchNorm weights)
+    no_bn = models.UNet(features=64, depth=4, batch_norm=False)
+    shapes = jax.eval_shape(
+        lambda: no_bn.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+    )
+    assert count(shapes["params"]) == expected_params(64, 4, batch_norm=False) == 31_031_745
+
+
+@pytest.mark.parametrize("size,base,depth", [(32, 4, 2), (64, 8, 3), (48, 4, 4), (40, 4, 4)])
+def test_output_shape_and_dtype(size, base, depth):
+    model = models.UNet(features=base, depth=depth)
+    x = jnp.zeros((2, size, size, 3))
+    if size % 2**depth:
+        with pytest.raises(ValueError, match="divisible"):
+            model.init(jax.random.key(0), x)
+        return
+    variables = model.init(jax.random.key(0), x)
+    assert count(variables["params"]) == expected_params(base, depth)
+    y = model.apply(variables, x)
+    assert y.shape == (2, size, size, 1) and y.dtype == jnp.float32
+
+
+def test_gradients_reach_first_conv():
+    model = models.UNet(features=4, depth=2)
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        y, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(jax.nn.sigmoid(y))
+
+    grads = jax.grad(loss)(variables["params"])
+    first = grads["ConvBlock_0"]["Conv_0"]["kernel"]
+    assert first.shape == (3, 3, 3, 4)
+    assert np.all(np.isfinite(first)) and float(jnp.abs(first).sum()) > 0
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = models.UNet(features=4, depth=2, dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
+    assert model.apply(variables, jnp.zeros((1, 32, 32, 3))).dtype == jnp.float32
