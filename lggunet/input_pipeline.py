@@ -73,11 +73,12 @@ class _PlannedBatches:
             "mask": np.stack([e["mask"] for e in examples]),
             "valid": self._plan.valid[i].copy(),
             "slice_index": np.array([e["slice_index"] for e in examples], np.int32),
-            "patient_id": np.array([_text(e["patient_id"]) for e in examples]),
+            "patient_id": np.array([as_text(e["patient_id"]) for e in examples]),
         }
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """tfds Text features come back as bytes; returns str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

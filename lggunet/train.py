@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from lggunet import config_checks, dataset, input_pipeline, losses, metrics, models
+from lggunet import config_checks, dataset, input_pipeline, losses, metrics, models, plots
 from lggunet.checkpointing import CheckpointStore
 
 Batch = dict[str, jax.Array]
@@ -187,6 +187,42 @@ def evaluate(eval_fn, state: TrainState, batches: Iterable[dict[str, np.ndarray]
     return result
 
 
+def predict_step(state: TrainState, batch: Batch, *, image_size: int) -> dict[str, jax.Array]:
+    """Model-resolution images, masks and predicted probabilities of a batch."""
+    images, masks, _ = preprocess(batch, image_size)
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    return {"image": images, "mask": masks, "prob": jax.nn.sigmoid(logits)}
+
+
+def write_prediction_grid(
+    predict_fn, state: TrainState, source, out_png: Path, count: int = 8
+) -> Path:
+    """Contours on `count` tumour-bearing slices spread over the split (by index order)."""
+    positive = [i for i in range(len(source)) if source[i]["mask"].any()]
+    if not positive:
+        positive = list(range(len(source)))
+    chosen = [
+        positive[int(i)] for i in np.linspace(0, len(positive) - 1, min(count, len(positive)))
+    ]
+    examples = [source[i] for i in chosen]
+    batch = {
+        "image": np.stack([e["image"] for e in examples]),
+        "mask": np.stack([e["mask"] for e in examples]),
+        "valid": np.ones(len(examples), bool),
+    }
+    out = jax.device_get(predict_fn(state, batch))
+    stats = metrics.slice_stats(out["mask"], out["prob"])
+    dice = metrics.per_slice_dice(**jax.device_get(stats))
+    titles = [
+        f"{input_pipeline.as_text(e['patient_id'])} #{int(e['slice_index'])}  Dice {d:.2f}"
+        for e, d in zip(examples, dice, strict=True)
+    ]
+    images = np.asarray(out["image"]) * 255.0
+    return plots.contour_grid(images, out["mask"], out["prob"], titles, out_png)
+
+
 def _log_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -349,6 +385,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 final[split]["slice_dice"],
             )
     (workdir_path / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+    plots.training_curves(metrics_path, workdir_path / "curves.png")
+    shown = "test" if "test" in sources else "validation"
+    p_predict = jax.jit(lambda s, b: predict_step(s, b, image_size=config.data.image_size))
+    write_prediction_grid(
+        p_predict, best_state, sources[shown], workdir_path / f"{shown}_predictions.png"
+    )
+    logging.info("Wrote %s and %s_predictions.png", workdir_path / "curves.png", shown)
     store.close()
     return final
 
@@ -361,4 +404,5 @@ __all__ = [
     "evaluate",
     "train_and_evaluate",
     "train_step",
+    "predict_step",
 ]

@@ -1,0 +1,68 @@
+"""Pictures of a run: training curves and predicted contours over FLAIR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl."""
+    records = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], label="train")
+    axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation")
+    axes[0].set_title("loss (-Dice, smooth=100)")
+    axes[1].plot(epochs, [r["train_dice"] for r in records], label="train Dice (notebook)")
+    axes[1].plot(epochs, [r["val_dice"] for r in records], label="val Dice (notebook)")
+    axes[1].plot(epochs, [r["val_volume_dice"] for r in records], label="val per-volume Dice")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("Dice")
+    axes[2].semilogy(epochs, [r["learning_rate"] for r in records])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def contour_grid(
+    images: np.ndarray,
+    masks: np.ndarray,
+    probs: np.ndarray,
+    titles: list[str],
+    out_png: str | Path,
+    columns: int = 4,
+) -> Path:
+    """FLAIR (channel 1) with the true (green) and predicted (red, p > 0.5) outlines."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, mask, prob, title in zip(
+        axes.ravel(), images, masks, probs, titles, strict=False
+    ):
+        ax.imshow(image[..., 1], cmap="gray")
+        if mask.max() > 0:
+            ax.contour(mask[..., 0], levels=[0.5], colors="lime", linewidths=1)
+        if prob.max() > 0.5:
+            ax.contour(prob[..., 0], levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("green: ground truth, red: prediction", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
