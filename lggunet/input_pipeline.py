@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 DEVICE_KEYS = ("image", "mask", "valid")
 
@@ -93,13 +94,16 @@ def iterate(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields the plan's batches from `start` on, read by grain threads (and worker processes).
 
-    grain's worker processes (num_workers > 0) need absl flags parsed in the parent process.
+    grain's worker processes (num_workers > 0) read absl flags; when the caller has not
+    parsed any (library use, outside run.py), their defaults are taken.
     """
     dataset = grain.MapDataset.source(_PlannedBatches(data_source, plan))[start:]
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=prefetch)
     )
     if num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers))
     return iter(iter_dataset)
 

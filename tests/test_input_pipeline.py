@@ -58,3 +58,8 @@ def test_iterate_reads_planned_batches_with_padding():
         np.testing.assert_array_equal(b["image"][:, 0, 0, 0], b["slice_index"])
     resumed = list(input_pipeline.iterate(source, plan, start=2))
     np.testing.assert_array_equal(resumed[0]["slice_index"], last["slice_index"])
+    # Worker processes give the same batches, absl flags parsed or not.
+    in_workers = list(input_pipeline.iterate(source, plan, num_workers=2))
+    for a, b in zip(batches, in_workers, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
