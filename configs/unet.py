@@ -42,6 +42,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.split_fractions = (0.8, 0.1, 0.1)  # train, validation, test (of patients)
     config.data.num_threads = 4  # grain reader threads
     config.data.num_workers = 0  # grain worker processes (0: read in this process)
+    config.data.device_cache = False  # hold train + validation on the device (uint8, ~1 GB)
+    config.data.normalize = "scale"  # "scale" (x/255, the notebook) or "zscore_volume"
+    config.data.oversample_tumour = 1.0  # tumour slices appear this many times per epoch
+
+    # Keras ImageDataGenerator semantics and the notebook's values; see lggunet/augment.py.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.enabled = True
+    config.augment.preset = ""  # "" = the fields below; or "buda2019", "notebook", "none"
+    config.augment.rotation_range = 0.2  # degrees (the notebook's 0.2 is 0.2 degrees in Keras)
+    config.augment.width_shift_range = 0.05  # fraction of the width
+    config.augment.height_shift_range = 0.05  # fraction of the height
+    config.augment.shear_range = 0.05  # degrees
+    config.augment.zoom_range = 0.05  # factors in [1 - z, 1 + z], x and y drawn independently
+    config.augment.horizontal_flip = True
 
     config.model = ml_collections.ConfigDict()
     config.model.features = 64  # base width; level i has features * 2**i channels

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from lggunet.augment import PRESETS
 from lggunet.errors import ConfigError
 from lggunet.losses import LOSSES
 
@@ -28,6 +29,10 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("data.split_fractions: training needs train and validation splits")
     if config.data.split_mode not in ("patient", "slice"):
         raise ConfigError(f"data.split_mode={config.data.split_mode!r}: use 'patient' or 'slice'")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch_size={config.batch_size} must divide among {jax.process_count()} processes"
+        )
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
         if value <= 0 or value % jax.local_device_count():
@@ -41,5 +46,15 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
+    if config.data.normalize not in ("scale", "zscore_volume"):
+        raise ConfigError(
+            f"data.normalize={config.data.normalize!r}: use 'scale' or 'zscore_volume'"
+        )
+    if config.data.oversample_tumour < 1:
+        raise ConfigError(f"data.oversample_tumour={config.data.oversample_tumour} must be >= 1")
+    if config.augment.preset and config.augment.preset not in PRESETS:
+        raise ConfigError(
+            f"augment.preset={config.augment.preset!r}: choose '' or one of {sorted(PRESETS)}"
+        )
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")

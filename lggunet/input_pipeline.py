@@ -1,21 +1,29 @@
 """tfds `array_record` files -> grain -> batches of numpy arrays, padded to a fixed size.
 
 Every batch is a dict: `image` uint8 (B, 256, 256, 3), `mask` uint8 (B, 256, 256, 1),
-`valid` bool (B,) (False on padding), `slice_index` int32 (B,) and `patient_id` str (B,)
-(the last two stay on the host). The last batch of an epoch is padded with copies of real
-examples marked `valid=False`, so shapes stay static and every example is used exactly once.
+`valid` bool (B,) (False on padding), `volume_mean` and `volume_std` float32 (B, 3) (the
+patient's per-channel statistics, for z-scoring), and, kept on the host, `slice_index` int32,
+`tumour_area` int32 and `patient_id` str (B,). The last batch of an epoch is padded with copies
+of real examples marked `valid=False`, so shapes stay static and every example is used exactly
+once (or `repeats` times, when tumour slices are oversampled).
+
+Two ways to feed the accelerator: grain (threads, optional worker processes, prefetch to
+device) or `DeviceCache`, which keeps a whole split on the device as uint8 and gathers batches
+by index there.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 
-DEVICE_KEYS = ("image", "mask", "valid")
+DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +46,22 @@ def epoch_plan(
     epoch: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
+    repeats: np.ndarray | None = None,
 ) -> EpochPlan:
-    """Batches covering this shard's examples once, in a per-(seed, epoch) random order.
+    """Batches covering this shard's examples once (example i `repeats[i]` times, if given),
+    in a per-(seed, epoch) random order.
 
     All shards get the same number of batches (the shorter ones pad), so hosts stay in step.
     """
     if num_examples <= 0:
         raise ValueError("cannot make batches from an empty split")
     order = np.arange(num_examples)
+    if repeats is not None:
+        order = np.repeat(order, repeats)
     if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(order)
     mine = order[shard_index::shard_count]
-    per_shard = -(-num_examples // shard_count)
+    per_shard = -(-len(order) // shard_count)
     num_batches = -(-per_shard // batch_size)
     total = num_batches * batch_size
     valid = np.arange(total) < len(mine)
@@ -73,7 +85,10 @@ class _PlannedBatches:
             "image": np.stack([e["image"] for e in examples]),
             "mask": np.stack([e["mask"] for e in examples]),
             "valid": self._plan.valid[i].copy(),
+            "volume_mean": np.stack([e["volume_mean"] for e in examples]),
+            "volume_std": np.stack([e["volume_std"] for e in examples]),
             "slice_index": np.array([e["slice_index"] for e in examples], np.int32),
+            "tumour_area": np.array([e["tumour_area"] for e in examples], np.int32),
             "patient_id": np.array([as_text(e["patient_id"]) for e in examples]),
         }
 
@@ -111,3 +126,68 @@ def iterate(
 def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The part of a batch that goes to the accelerator."""
     return {k: batch[k] for k in DEVICE_KEYS}
+
+
+def prefetch_to_device(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
+    """Keeps `size` batches' device parts already transferred ahead of the consumer."""
+    queue: collections.deque = collections.deque()
+
+    def put(batch):
+        on_device = jax.device_put(device_batch(batch))
+        return {**batch, **on_device}
+
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def oversampling_repeats(tumour_area: np.ndarray, factor: float, seed: int, epoch: int):
+    """How often each example appears this epoch: tumour slices `factor` times on average
+    (the integer part always, the fraction by chance), the others once."""
+    positive = np.asarray(tumour_area) > 0
+    whole, frac = int(np.floor(factor)), factor - np.floor(factor)
+    extra = np.random.default_rng([seed, epoch, 1]).random(len(positive)) < frac
+    return np.where(positive, whole + extra, 1).astype(np.int64)
+
+
+def read_field(data_source_factory, field: str) -> np.ndarray:
+    """One scalar field of every example, reading without decoding the images.
+
+    `data_source_factory(decoders)` returns the split's data source (e.g.
+    `functools.partial(builder.as_data_source, split)`).
+    """
+    import tensorflow_datasets as tfds
+
+    skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
+    source = data_source_factory(decoders=skip)
+    return np.array([source[i][field] for i in range(len(source))])
+
+
+class DeviceCache:
+    """A whole split on the accelerator (uint8), batches gathered there by index.
+
+    The full data set is about 1 GB as uint8; use it when that fits beside the model.
+    """
+
+    def __init__(self, data_source: Sequence[dict], num_threads: int = 8):
+        plan = epoch_plan(len(data_source), 64, shuffle=False)
+        parts = list(iterate(data_source, plan, num_threads=num_threads))
+        host = {k: np.concatenate([p[k][p["valid"]] for p in parts]) for k in parts[0]}
+        del host["valid"]
+        self.host = {k: v for k, v in host.items() if k not in DEVICE_KEYS}
+        self.device = jax.device_put({k: v for k, v in host.items() if k in DEVICE_KEYS})
+        self._gather = jax.jit(lambda arrays, idx: jax.tree.map(lambda a: a[idx], arrays))
+
+    def __len__(self) -> int:
+        return len(self.host["slice_index"])
+
+    def iterate(self, plan: EpochPlan, start: int = 0) -> Iterator[dict]:
+        for i in range(start, len(plan)):
+            idx = plan.indices[i]
+            batch = {k: v[idx] for k, v in self.host.items()}
+            batch.update(self._gather(self.device, jax.device_put(idx)))
+            batch["valid"] = jax.device_put(plan.valid[i])
+            yield batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -16,6 +18,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
+from lggunet import augment as augment_lib
 from lggunet import config_checks, dataset, input_pipeline, losses, metrics, models, plots
 from lggunet.checkpointing import CheckpointStore
 
@@ -88,10 +91,28 @@ def step_plateau(
     )
 
 
-def preprocess(batch: Batch, image_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """uint8 batch -> (images in [0, 1] float32, masks in {0, 1} float32, weights), resized
-    to `image_size` (images bilinear, masks bilinear then thresholded at 0.5)."""
-    images = batch["image"].astype(jnp.float32) / 255.0
+NORMALIZATIONS = ("scale", "zscore_volume")
+
+
+def preprocess(
+    batch: Batch, image_size: int, normalize: str = "scale"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """uint8 batch -> (normalised float32 images, masks in {0, 1} float32, weights).
+
+    `normalize`: "scale" is the notebook's x / 255; "zscore_volume" subtracts the patient's
+    per-channel volume mean and divides by its std (Buda et al.). Slices are resized to
+    `image_size` (images bilinear, masks bilinear then thresholded at 0.5). The same function
+    serves training, evaluation and prediction.
+    """
+    images = batch["image"].astype(jnp.float32)
+    if normalize == "zscore_volume":
+        mean = batch["volume_mean"][:, None, None, :].astype(jnp.float32)
+        std = jnp.maximum(batch["volume_std"][:, None, None, :].astype(jnp.float32), 1e-6)
+        images = (images - mean) / std
+    elif normalize == "scale":
+        images = images / 255.0
+    else:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
     masks = batch["mask"].astype(jnp.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:
         b = images.shape[0]
@@ -99,6 +120,34 @@ def preprocess(batch: Batch, image_size: int) -> tuple[jax.Array, jax.Array, jax
         masks = jax.image.resize(masks, (b, image_size, image_size, 1), "linear")
         masks = (masks >= 0.5).astype(jnp.float32)
     return images, masks, batch["valid"].astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What the jitted steps need from the config (hashable: a static jit argument)."""
+
+    loss: str = "dice"
+    image_size: int = 256
+    normalize: str = "scale"
+    augment: augment_lib.AugmentParams | None = None  # None: no augmentation
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> StepOptions:
+        return cls(
+            loss=config.loss,
+            image_size=config.data.image_size,
+            normalize=config.data.normalize,
+            augment=augment_params(config),
+        )
+
+
+def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
+    """The config's augmentation: a named preset, or the Keras-style fields; None if off."""
+    if not config.augment.enabled:
+        return None
+    if config.augment.preset:
+        return augment_lib.PRESETS[config.augment.preset]
+    return augment_lib.AugmentParams.from_config(config.augment)
 
 
 def _batch_metrics(loss, masks, probs, weights) -> dict[str, jax.Array]:
@@ -112,11 +161,15 @@ def _batch_metrics(loss, masks, probs, weights) -> dict[str, jax.Array]:
 
 
 def train_step(
-    state: TrainState, batch: Batch, rng: jax.Array, *, loss_name: str, image_size: int
+    state: TrainState, batch: Batch, rng: jax.Array, options: StepOptions
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One Adam step on one batch; returns the new state and the batch's notebook metrics."""
-    images, masks, weights = preprocess(batch, image_size)
-    loss_fn = losses.get_loss(loss_name)
+    """One Adam step on one (augmented) batch; returns the new state and the batch's notebook
+    metrics. `rng` drives augmentation and dropout."""
+    images, masks, weights = preprocess(batch, options.image_size, options.normalize)
+    augment_rng, dropout_rng = jax.random.split(rng)
+    if options.augment is not None:
+        images, masks = augment_lib.augment_batch(augment_rng, images, masks, options.augment)
+    loss_fn = losses.get_loss(options.loss)
 
     def compute_loss(params):
         logits, updates = state.apply_fn(
@@ -124,7 +177,7 @@ def train_step(
             images,
             train=True,
             mutable=["batch_stats"],
-            rngs={"dropout": rng},
+            rngs={"dropout": dropout_rng},
         )
         return loss_fn(logits, masks, weights), (logits, updates)
 
@@ -133,17 +186,17 @@ def train_step(
     return state, _batch_metrics(loss, masks, jax.nn.sigmoid(logits), weights)
 
 
-def eval_step(
-    state: TrainState, batch: Batch, *, loss_name: str, image_size: int
-) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: Batch, options: StepOptions) -> dict[str, jax.Array]:
     """Notebook metrics of the batch, plus per-example pixel counts for per-slice and
     per-volume Dice. Padding examples (valid=False) count nowhere."""
-    images, masks, weights = preprocess(batch, image_size)
+    images, masks, weights = preprocess(batch, options.image_size, options.normalize)
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
     )
     probs = jax.nn.sigmoid(logits)
-    out = _batch_metrics(losses.get_loss(loss_name)(logits, masks, weights), masks, probs, weights)
+    out = _batch_metrics(
+        losses.get_loss(options.loss)(logits, masks, weights), masks, probs, weights
+    )
     out.update(metrics.slice_stats(masks, probs))
     return out
 
@@ -173,7 +226,7 @@ def evaluate(eval_fn, state: TrainState, batches: Iterable[dict[str, np.ndarray]
     for batch in batches:
         out = jax.device_get(eval_fn(state, input_pipeline.device_batch(batch)))
         mean.add(out)
-        valid = batch["valid"]
+        valid = np.asarray(batch["valid"])
         ids.extend(batch["patient_id"][valid].tolist())
         for k in counts:
             counts[k].append(np.asarray(out[k])[valid])
@@ -187,40 +240,34 @@ def evaluate(eval_fn, state: TrainState, batches: Iterable[dict[str, np.ndarray]
     return result
 
 
-def predict_step(state: TrainState, batch: Batch, *, image_size: int) -> dict[str, jax.Array]:
-    """Model-resolution images, masks and predicted probabilities of a batch."""
-    images, masks, _ = preprocess(batch, image_size)
+def predict_step(state: TrainState, batch: Batch, options: StepOptions) -> dict[str, jax.Array]:
+    """Predicted probabilities at model resolution, with the masks and (for display) the
+    uint8-range images resized the same way."""
+    images, masks, _ = preprocess(batch, options.image_size, options.normalize)
+    display, _, _ = preprocess(batch, options.image_size, "scale")
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
     )
-    return {"image": images, "mask": masks, "prob": jax.nn.sigmoid(logits)}
+    return {"image": display * 255.0, "mask": masks, "prob": jax.nn.sigmoid(logits)}
 
 
 def write_prediction_grid(
-    predict_fn, state: TrainState, source, out_png: Path, count: int = 8
+    predict_fn, state: TrainState, source, tumour_area: np.ndarray, out_png: Path, count: int = 8
 ) -> Path:
     """Contours on `count` tumour-bearing slices spread over the split (by index order)."""
-    positive = [i for i in range(len(source)) if source[i]["mask"].any()]
-    if not positive:
-        positive = list(range(len(source)))
-    chosen = [
-        positive[int(i)] for i in np.linspace(0, len(positive) - 1, min(count, len(positive)))
-    ]
-    examples = [source[i] for i in chosen]
-    batch = {
-        "image": np.stack([e["image"] for e in examples]),
-        "mask": np.stack([e["mask"] for e in examples]),
-        "valid": np.ones(len(examples), bool),
-    }
-    out = jax.device_get(predict_fn(state, batch))
-    stats = metrics.slice_stats(out["mask"], out["prob"])
-    dice = metrics.per_slice_dice(**jax.device_get(stats))
+    positive = np.flatnonzero(tumour_area > 0)
+    if len(positive) == 0:
+        positive = np.arange(len(source))
+    chosen = positive[np.linspace(0, len(positive) - 1, min(count, len(positive))).astype(int)]
+    plan = input_pipeline.EpochPlan(chosen[None, :], np.ones((1, len(chosen)), bool))
+    batch = next(input_pipeline.iterate(source, plan))
+    out = jax.device_get(predict_fn(state, input_pipeline.device_batch(batch)))
+    dice = metrics.per_slice_dice(**jax.device_get(metrics.slice_stats(out["mask"], out["prob"])))
     titles = [
-        f"{input_pipeline.as_text(e['patient_id'])} #{int(e['slice_index'])}  Dice {d:.2f}"
-        for e, d in zip(examples, dice, strict=True)
+        f"{pid} #{idx}  Dice {d:.2f}"
+        for pid, idx, d in zip(batch["patient_id"], batch["slice_index"], dice, strict=True)
     ]
-    images = np.asarray(out["image"]) * 255.0
-    return plots.contour_grid(images, out["mask"], out["prob"], titles, out_png)
+    return plots.contour_grid(out["image"], out["mask"], out["prob"], titles, out_png)
 
 
 def _log_jsonl(path: Path, record: dict) -> None:
@@ -244,6 +291,86 @@ def _fmt_seconds(s: float) -> str:
     )
 
 
+class _Feed:
+    """Where training and evaluation batches come from: grain (prefetched to the device) or
+    a device-resident cache. Training batches are this process's shard of the global batch."""
+
+    def __init__(self, config: ml_collections.ConfigDict, builder):
+        self.config = config
+        self.builder = builder
+        self.sources = builder.as_data_source()
+        for split in ("train", "validation"):
+            if split not in self.sources:
+                raise config_checks.ConfigError(f"the prepared data has no {split!r} split")
+        self.read = {"num_threads": config.data.num_threads, "num_workers": config.data.num_workers}
+        self.local_batch = config.batch_size // jax.process_count()
+        self.tumour_area = {
+            split: input_pipeline.read_field(
+                functools.partial(builder.as_data_source, split), "tumour_area"
+            )
+            for split in self.sources
+        }
+        self.cache = {}
+        if config.data.device_cache:
+            for split in ("train", "validation"):
+                self.cache[split] = input_pipeline.DeviceCache(self.sources[split])
+            logging.info("Device cache: train and validation splits held on the device as uint8")
+        factor = config.data.oversample_tumour
+        if factor != 1.0:
+            areas = self.tumour_area["train"]
+            logging.info(
+                "Oversampling tumour slices x%.2f: %d of %d training slices carry tumour; an "
+                "epoch has about %d examples instead of %d",
+                factor,
+                int((areas > 0).sum()),
+                len(areas),
+                int(len(areas) + (factor - 1) * (areas > 0).sum()),
+                len(areas),
+            )
+
+    def train_plan(self, epoch: int) -> input_pipeline.EpochPlan:
+        config = self.config
+        repeats = None
+        if config.data.oversample_tumour != 1.0:
+            repeats = input_pipeline.oversampling_repeats(
+                self.tumour_area["train"], config.data.oversample_tumour, config.seed, epoch
+            )
+        return input_pipeline.epoch_plan(
+            len(self.sources["train"]),
+            self.local_batch,
+            shuffle=True,
+            seed=config.seed,
+            epoch=epoch,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            repeats=repeats,
+        )
+
+    def batches(self, split: str, plan: input_pipeline.EpochPlan):
+        if split in self.cache:
+            return self.cache[split].iterate(plan)
+        return input_pipeline.prefetch_to_device(
+            input_pipeline.iterate(self.sources[split], plan, **self.read)
+        )
+
+    def eval_batches(self, split: str):
+        """Every example of the split once (each process evaluates the whole split)."""
+        plan = input_pipeline.epoch_plan(
+            len(self.sources[split]), self.config.eval_batch_size, shuffle=False
+        )
+        return self.batches(split, plan)
+
+
+def _epoch_log_line(record: dict, num_epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f} dice "
+        f"{record['train_dice']:.4f} | val loss {record['val_loss']:.4f} dice "
+        f"{record['val_dice']:.4f} iou {record['val_iou']:.4f} acc {record['val_accuracy']:.4f} "
+        f"volume-dice {record['val_volume_dice']:.4f} | lr {record['learning_rate']:.2g} | "
+        f"{record['images_per_s']:.1f} images/s"
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config`, writing checkpoints and metrics.jsonl under `workdir`; resumes
     from the latest checkpoint there. Returns the final evaluation of the best checkpoint."""
@@ -251,22 +378,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_path = Path(workdir).expanduser()
     workdir_path.mkdir(parents=True, exist_ok=True)
     builder = dataset.prepare(config.data)
-    sources = builder.as_data_source()
-    for split in ("train", "validation"):
-        if split not in sources:
-            raise config_checks.ConfigError(f"the prepared data has no {split!r} split")
-    num_train = len(sources["train"])
+    feed = _Feed(config, builder)
+    sources = feed.sources
     logging.info(
-        "Data: %s (%s); train %d, validation %d, test %d slices",
+        "Data: %s (%s); %s",
         builder.info.metadata["source"],
         builder.data_path,
-        num_train,
-        len(sources["validation"]),
-        len(sources["test"]) if "test" in sources else 0,
+        ", ".join(f"{split} {len(src)} slices" for split, src in sources.items()),
     )
 
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(config, init_rng)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("U-Net: %d parameters (%.2fM)", num_params, num_params / 1e6)
@@ -280,29 +401,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_path = workdir_path / "metrics.jsonl"
     _drop_epochs_after(metrics_path, start_epoch - 1)
 
-    statics = {"loss_name": config.loss, "image_size": config.data.image_size}
-    p_train = jax.jit(lambda s, b, r: train_step(s, b, r, **statics), donate_argnums=0)
-    p_eval = jax.jit(lambda s, b: eval_step(s, b, **statics))
-    read = {"num_threads": config.data.num_threads, "num_workers": config.data.num_workers}
-    val_plan = input_pipeline.epoch_plan(
-        len(sources["validation"]), config.eval_batch_size, shuffle=False
-    )
-    steps_per_epoch = len(input_pipeline.epoch_plan(num_train, config.batch_size, shuffle=False))
+    options = StepOptions.from_config(config)
+    logging.info("Step options: %s", options)
+    p_train = jax.jit(train_step, static_argnames="options", donate_argnums=0)
+    p_eval = jax.jit(functools.partial(eval_step, options=options))
+    steps_per_epoch = len(feed.train_plan(1))
     total_steps = steps_per_epoch * config.num_epochs
     first_step = int(state.step)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, config.num_epochs + 1):
-        plan = input_pipeline.epoch_plan(
-            num_train, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch
-        )
         train_mean = _Mean()
         t_epoch = time.perf_counter()
         images_seen = 0
-        for batch in input_pipeline.iterate(sources["train"], plan, **read):
+        for batch in feed.batches("train", feed.train_plan(epoch)):
             step = int(state.step)
             state, out = p_train(
-                state, input_pipeline.device_batch(batch), jax.random.fold_in(step_rng, step)
+                state,
+                input_pipeline.device_batch(batch),
+                jax.random.fold_in(step_rng, step),
+                options=options,
             )
             out = jax.device_get(out)
             if not np.isfinite(out["loss"]):
@@ -314,8 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             images_seen += int(out["count"])
             step += 1
             if step % config.log_every_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_start
-                rate = (step - first_step) / max(elapsed, 1e-9)
+                rate = (step - first_step) / max(time.perf_counter() - t_start, 1e-9)
                 logging.info(
                     "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
                     step,
@@ -326,9 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     _fmt_seconds((total_steps - step) / max(rate, 1e-9)),
                 )
         train_seconds = time.perf_counter() - t_epoch
-        val = evaluate(
-            p_eval, state, input_pipeline.iterate(sources["validation"], val_plan, **read)
-        )
+        val = evaluate(p_eval, state, feed.eval_batches("validation"))
         lr_used = learning_rate(state)
         state = step_plateau(state, val["loss"], config)
         record = {
@@ -344,33 +459,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         }
         _log_jsonl(metrics_path, record)
         store.save(epoch, state, record)
-        logging.info(
-            "epoch %d/%d: train loss %.4f dice %.4f | val loss %.4f dice %.4f iou %.4f acc %.4f "
-            "volume-dice %.4f | lr %.2g | %.1f images/s",
-            epoch,
-            config.num_epochs,
-            record["train_loss"],
-            record["train_dice"],
-            record["val_loss"],
-            record["val_dice"],
-            record["val_iou"],
-            record["val_accuracy"],
-            record["val_volume_dice"],
-            lr_used,
-            record["images_per_s"],
-        )
+        logging.info("%s", _epoch_log_line(record, config.num_epochs))
     store.wait()
 
     best_state, best_meta = store.restore_best(state)
     final = {"best_epoch": best_meta["epoch"]}
     for split in ("validation", "test"):
         if split in sources:
-            plan = input_pipeline.epoch_plan(
-                len(sources[split]), config.eval_batch_size, shuffle=False
-            )
-            final[split] = evaluate(
-                p_eval, best_state, input_pipeline.iterate(sources[split], plan, **read)
-            )
+            final[split] = evaluate(p_eval, best_state, feed.eval_batches(split))
             logging.info(
                 "best checkpoint (epoch %d) on %s: loss %.4f dice %.4f iou %.4f acc %.4f | "
                 "per-volume Dice %.4f over %d patients, per-slice Dice %.4f",
@@ -387,22 +483,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir_path / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     plots.training_curves(metrics_path, workdir_path / "curves.png")
     shown = "test" if "test" in sources else "validation"
-    p_predict = jax.jit(lambda s, b: predict_step(s, b, image_size=config.data.image_size))
-    write_prediction_grid(
-        p_predict, best_state, sources[shown], workdir_path / f"{shown}_predictions.png"
-    )
-    logging.info("Wrote %s and %s_predictions.png", workdir_path / "curves.png", shown)
+    p_predict = jax.jit(functools.partial(predict_step, options=options))
+    grid = workdir_path / f"{shown}_predictions.png"
+    write_prediction_grid(p_predict, best_state, sources[shown], feed.tumour_area[shown], grid)
+    logging.info("Wrote %s and %s", workdir_path / "curves.png", grid)
     store.close()
     return final
 
 
 __all__ = [
+    "StepOptions",
     "TrainState",
     "create_model",
     "create_train_state",
     "eval_step",
     "evaluate",
+    "predict_step",
+    "preprocess",
     "train_and_evaluate",
     "train_step",
-    "predict_step",
 ]

@@ -212,3 +212,17 @@ def test_layout_errors_name_the_file(synthetic_kaggle_3m):
         kaggle3m.list_slices(kaggle3m.open_source(synthetic_kaggle_3m))
     with pytest.raises(DataError, match="no such file"):
         kaggle3m.open_source(Path(synthetic_kaggle_3m) / "nope")
+
+
+def test_volume_statistics_and_tumour_area(real_builder, real_data):
+    source = real_builder.as_data_source("test")
+    ex = source[0]
+    pid = ex["patient_id"].decode()
+    folder = next(p for p in real_data.iterdir() if p.name.startswith(pid))
+    images = [tifffile.imread(f) for f in folder.glob("*.tif") if not f.stem.endswith("_mask")]
+    volume = np.stack(images).reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(ex["volume_mean"], volume.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(ex["volume_std"], volume.std(axis=0), rtol=1e-5)
+    for i in range(len(source)):
+        e = source[i]
+        assert int(e["tumour_area"]) == int(e["mask"].sum())

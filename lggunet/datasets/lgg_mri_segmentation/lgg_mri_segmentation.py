@@ -58,8 +58,11 @@ def make_config(
 class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
     """LGG MRI Segmentation (kaggle_3m), one example per slice."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Per-slice tumour_area; per-volume channel mean and std (for z-scoring).",
+    }
     BUILDER_CONFIGS = [make_config(fingerprint="any")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = kaggle3m.HOW_TO_GET_DATA
 
@@ -74,6 +77,10 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
                     "patient_id": tfds.features.Text(),
                     "institution": tfds.features.Text(),
                     "slice_index": np.int32,
+                    "tumour_area": np.int32,  # tumour pixels in the mask
+                    # Per-channel mean and std over the patient's whole volume.
+                    "volume_mean": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+                    "volume_std": tfds.features.Tensor(shape=(3,), dtype=np.float32),
                 }
             ),
             homepage=_HOMEPAGE,
@@ -116,16 +123,24 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, source: kaggle3m.Source, slices: list[kaggle3m.Slice]):
+        """Reads one patient at a time, so each slice can carry its volume's statistics."""
+        by_case: dict[str, list[kaggle3m.Slice]] = {}
         for s in slices:
-            image = kaggle3m.read_image(source, s.image)
-            mask = kaggle3m.read_mask(source, s.mask)
-            yield (
-                f"{s.case}_{s.index}",
-                {
+            by_case.setdefault(s.case, []).append(s)
+        for case_slices in by_case.values():
+            images = [kaggle3m.read_image(source, s.image) for s in case_slices]
+            masks = [kaggle3m.read_mask(source, s.mask) for s in case_slices]
+            volume = np.stack(images).reshape(-1, 3).astype(np.float64)
+            mean, std = volume.mean(axis=0), volume.std(axis=0)
+            for s, image, mask in zip(case_slices, images, masks, strict=True):
+                example = {
                     "image": PIL.Image.fromarray(image, mode="RGB"),
                     "mask": PIL.Image.fromarray(mask, mode="L"),
                     "patient_id": s.patient_id,
                     "institution": s.institution,
                     "slice_index": s.index,
-                },
-            )
+                    "tumour_area": int(mask.sum()),
+                    "volume_mean": mean.astype(np.float32),
+                    "volume_std": std.astype(np.float32),
+                }
+                yield f"{s.case}_{s.index}", example
