@@ -12,8 +12,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lggunet import train
+from lggunet import parallel, train
 from lggunet.errors import LggUnetError
+from lggunet.interrupts import Interrupted
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -41,10 +42,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+        parallel.initialize(FLAGS.config)
+        if not parallel.is_main_process():
+            logging.set_verbosity(logging.WARNING)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except LggUnetError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # checkpoint saved; rerunning the same command continues
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 100
     config.learning_rate = 1e-4
     config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
-    config.dtype = "float32"  # compute dtype; parameters always stay float32
+    config.dtype = "float32"  # or "bfloat16": compute dtype; parameters, optimizer, loss stay f32
     config.log_every_steps = 50
+    config.summary_images = 8  # validation slices drawn into TensorBoard at each evaluation
+
+    # Stop when val_loss has not improved by more than min_delta for `patience` epochs.
+    # Default 0 = off: the notebook trains all 100 epochs (its best checkpoint is kept anyway).
+    config.early_stopping = ml_collections.ConfigDict()
+    config.early_stopping.patience = 0
+    config.early_stopping.min_delta = 1e-4
+
+    # Multi-process runs (one process per host): jax.distributed.initialize() is called when
+    # coordinator_address is set here or in $JAX_COORDINATOR_ADDRESS (with $JAX_NUM_PROCESSES,
+    # $JAX_PROCESS_ID), or when auto=True (SLURM, Open MPI, TPU pods are detected).
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.auto = False
+    config.distributed.coordinator_address = ""  # host:port of process 0
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
 
     # Keras ReduceLROnPlateau(monitor='val_loss') semantics, stepped once per epoch.
     config.plateau = ml_collections.ConfigDict()

@@ -35,14 +35,14 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
-        if value <= 0 or value % jax.local_device_count():
+        if value <= 0 or value % jax.device_count():
             raise ConfigError(
-                f"{name}={value} must be a positive multiple of the {jax.local_device_count()} "
-                "local devices"
+                f"{name}={value} must be a positive multiple of the {jax.device_count()} "
+                f"devices ({jax.process_count()} process(es)): each device takes an equal part"
             )
     if config.loss not in LOSSES:
         raise ConfigError(f"loss={config.loss!r}: choose one of {sorted(LOSSES)}")
-    if config.dtype not in ("float32", "bfloat16", "float16"):
+    if config.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
@@ -56,5 +56,11 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"augment.preset={config.augment.preset!r}: choose '' or one of {sorted(PRESETS)}"
         )
+    if config.early_stopping.patience < 0:
+        raise ConfigError(
+            f"early_stopping.patience={config.early_stopping.patience} must be >= 0 (0 = off)"
+        )
+    if config.data.device_cache and jax.process_count() > 1:
+        raise ConfigError("data.device_cache works in single-process runs only")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")

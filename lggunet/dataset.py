@@ -9,7 +9,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lggunet import kaggle3m, phantom
+from lggunet import kaggle3m, parallel, phantom
 from lggunet.datasets.lgg_mri_segmentation import LggMriSegmentation, make_config
 from lggunet.errors import DataError
 
@@ -75,7 +75,20 @@ def locate_source(data_config: ml_collections.ConfigDict) -> Path:
 
 
 def prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
-    """Builds (once per source, split and seed) and returns the prepared tfds builder."""
+    """Builds (once per source, split and seed) and returns the prepared tfds builder.
+
+    In a multi-process run process 0 prepares first while the others wait, then they open
+    what it wrote (a shared data_dir) or prepare their own copy (a host-local one).
+    """
+    if not parallel.is_main_process():
+        parallel.barrier("lggunet-prepare")
+    builder = _prepare(data_config)
+    if parallel.is_main_process():
+        parallel.barrier("lggunet-prepare")
+    return builder
+
+
+def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
     source_path = locate_source(data_config)
     source = kaggle3m.open_source(source_path)
     config = make_config(

@@ -11,3 +11,7 @@ class DataError(LggUnetError):
 
 class ConfigError(LggUnetError):
     """A config that cannot work; raised before any work starts."""
+
+
+class TrainingDiverged(LggUnetError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from absl import flags
 
+from lggunet import parallel
+
 DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std")
 
 
@@ -48,10 +50,14 @@ def epoch_plan(
     shard_count: int = 1,
     repeats: np.ndarray | None = None,
 ) -> EpochPlan:
-    """Batches covering this shard's examples once (example i `repeats[i]` times, if given),
-    in a per-(seed, epoch) random order.
+    """Batches covering the split once (example i `repeats[i]` times, if given), in a
+    per-(seed, epoch) random order; this shard's part of them.
 
-    All shards get the same number of batches (the shorter ones pad), so hosts stay in step.
+    The global batch is `batch_size * shard_count`; shard k takes columns
+    `[k * batch_size, (k + 1) * batch_size)` of every global batch, so the processes' parts
+    concatenated in order are exactly the one-process plan with the global batch size, and all
+    shards have the same number of batches. The last global batch is padded with repeated real
+    examples marked invalid.
     """
     if num_examples <= 0:
         raise ValueError("cannot make batches from an empty split")
@@ -60,13 +66,13 @@ def epoch_plan(
         order = np.repeat(order, repeats)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(order)
-    mine = order[shard_index::shard_count]
-    per_shard = -(-len(order) // shard_count)
-    num_batches = -(-per_shard // batch_size)
-    total = num_batches * batch_size
-    valid = np.arange(total) < len(mine)
-    indices = np.resize(mine, total)  # repeats real examples as padding
-    return EpochPlan(indices.reshape(num_batches, batch_size), valid.reshape(num_batches, -1))
+    global_batch = batch_size * shard_count
+    num_batches = -(-len(order) // global_batch)
+    total = num_batches * global_batch
+    valid = (np.arange(total) < len(order)).reshape(num_batches, global_batch)
+    indices = np.resize(order, total).reshape(num_batches, global_batch)  # pad: repeat examples
+    columns = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
+    return EpochPlan(indices[:, columns], valid[:, columns])
 
 
 class _PlannedBatches:
@@ -128,12 +134,16 @@ def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: batch[k] for k in DEVICE_KEYS}
 
 
-def prefetch_to_device(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
-    """Keeps `size` batches' device parts already transferred ahead of the consumer."""
+def prefetch_to_device(
+    batches: Iterator[dict], size: int = 2, mesh: jax.sharding.Mesh | None = None
+) -> Iterator[dict]:
+    """Keeps `size` batches' device parts already transferred ahead of the consumer. With a
+    `mesh`, each batch is this process's rows of a global batch sharded over its "data" axis."""
     queue: collections.deque = collections.deque()
 
     def put(batch):
-        on_device = jax.device_put(device_batch(batch))
+        part = device_batch(batch)
+        on_device = jax.device_put(part) if mesh is None else parallel.global_batch(part, mesh)
         return {**batch, **on_device}
 
     for batch in batches:
@@ -172,14 +182,25 @@ class DeviceCache:
     The full data set is about 1 GB as uint8; use it when that fits beside the model.
     """
 
-    def __init__(self, data_source: Sequence[dict], num_threads: int = 8):
+    def __init__(
+        self,
+        data_source: Sequence[dict],
+        num_threads: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        if jax.process_count() > 1:
+            raise ValueError("the device cache works in single-process runs only")
         plan = epoch_plan(len(data_source), 64, shuffle=False)
         parts = list(iterate(data_source, plan, num_threads=num_threads))
         host = {k: np.concatenate([p[k][p["valid"]] for p in parts]) for k in parts[0]}
         del host["valid"]
         self.host = {k: v for k, v in host.items() if k not in DEVICE_KEYS}
         self.device = jax.device_put({k: v for k, v in host.items() if k in DEVICE_KEYS})
-        self._gather = jax.jit(lambda arrays, idx: jax.tree.map(lambda a: a[idx], arrays))
+        out = None if mesh is None else parallel.batch_sharded(mesh)
+        self._gather = jax.jit(
+            lambda arrays, idx: jax.tree.map(lambda a: a[idx], arrays), out_shardings=out
+        )
+        self._valid_sharding = out
 
     def __len__(self) -> int:
         return len(self.host["slice_index"])
@@ -189,5 +210,5 @@ class DeviceCache:
             idx = plan.indices[i]
             batch = {k: v[idx] for k, v in self.host.items()}
             batch.update(self._gather(self.device, jax.device_put(idx)))
-            batch["valid"] = jax.device_put(plan.valid[i])
+            batch["valid"] = jax.device_put(plan.valid[i], self._valid_sharding)
             yield batch

@@ -38,16 +38,9 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def contour_grid(
-    images: np.ndarray,
-    masks: np.ndarray,
-    probs: np.ndarray,
-    titles: list[str],
-    out_png: str | Path,
-    columns: int = 4,
-) -> Path:
-    """FLAIR (channel 1) with the true (green) and predicted (red, p > 0.5) outlines."""
+def _contour_figure(images, masks, probs, titles, columns):
     n = len(images)
+    columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
     for ax in axes.ravel():
@@ -63,6 +56,31 @@ def contour_grid(
         ax.set_title(title, fontsize=8)
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def contour_grid(
+    images: np.ndarray,
+    masks: np.ndarray,
+    probs: np.ndarray,
+    titles: list[str],
+    out_png: str | Path,
+    columns: int = 4,
+) -> Path:
+    """FLAIR (channel 1) with the true (green) and predicted (red, p > 0.5) outlines."""
+    fig = _contour_figure(images, masks, probs, titles, columns)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)
+
+
+def contour_grid_image(
+    images: np.ndarray, masks: np.ndarray, probs: np.ndarray, titles: list[str], columns: int = 4
+) -> np.ndarray:
+    """`contour_grid` as an RGB uint8 array (H, W, 3), e.g. for TensorBoard."""
+    fig = _contour_figure(images, masks, probs, titles, columns)
+    fig.set_dpi(80)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,21 @@ from absl import logging
 from flax.training import train_state
 
 from lggunet import augment as augment_lib
-from lggunet import config_checks, dataset, input_pipeline, losses, metrics, models, plots
+from lggunet import (
+    config_checks,
+    dataset,
+    input_pipeline,
+    losses,
+    metrics,
+    models,
+    parallel,
+    plots,
+    summaries,
+)
 from lggunet.checkpointing import CheckpointStore
+from lggunet.errors import TrainingDiverged
+from lggunet.feed import Feed
+from lggunet.interrupts import Interrupted, StopRequest
 
 Batch = dict[str, jax.Array]
 
@@ -204,35 +217,50 @@ def eval_step(state: TrainState, batch: Batch, options: StepOptions) -> dict[str
 class _Mean:
     """Averages batch metrics weighted by each batch's number of real examples."""
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weight = 0.0
+    KEYS = ("loss", "dice", "iou", "accuracy")
+
+    def __init__(self, sums: dict[str, float] | None = None, weight: float = 0.0):
+        self.sums: dict[str, float] = dict(sums or {})
+        self.weight = weight
 
     def add(self, batch_metrics: dict[str, Any]) -> None:
         w = float(batch_metrics["count"])
         self.weight += w
-        for k in ("loss", "dice", "iou", "accuracy"):
+        for k in self.KEYS:
             self.sums[k] = self.sums.get(k, 0.0) + float(batch_metrics[k]) * w
 
     def result(self) -> dict[str, float]:
         return {k: v / max(self.weight, 1.0) for k, v in self.sums.items()}
 
+    def to_json(self) -> dict:
+        return {"sums": self.sums, "weight": self.weight}
 
-def evaluate(eval_fn, state: TrainState, batches: Iterable[dict[str, np.ndarray]]) -> dict:
-    """Runs `eval_fn` over every batch; returns notebook metrics (batch-weighted means),
-    mean per-slice Dice and per-volume Dice (mean and per patient)."""
+
+def evaluate(
+    eval_fn,
+    state: TrainState,
+    plan: input_pipeline.EpochPlan,
+    batches: Iterable[dict],
+    patient_ids: Sequence[str],
+) -> dict:
+    """Runs `eval_fn` over the batches of the global `plan`; returns notebook metrics
+    (batch-weighted means), mean per-slice Dice and per-volume Dice (mean and per patient).
+    `patient_ids[i]` is example i's patient; `eval_fn`'s outputs must be replicated."""
     mean = _Mean()
+    patient_ids = np.asarray(patient_ids)
     ids, counts = [], {"intersection": [], "true_area": [], "pred_area": []}
-    for batch in batches:
+    for row, batch in enumerate(batches):
         out = jax.device_get(eval_fn(state, input_pipeline.device_batch(batch)))
         mean.add(out)
-        valid = np.asarray(batch["valid"])
-        ids.extend(batch["patient_id"][valid].tolist())
+        valid = plan.valid[row]
+        ids.extend(patient_ids[plan.indices[row][valid]].tolist())
         for k in counts:
             counts[k].append(np.asarray(out[k])[valid])
     counts = {k: np.concatenate(v) for k, v in counts.items()}
     volumes = metrics.per_volume_dice(ids, **counts)
     result = mean.result()
+    if not all(np.isfinite(v) for v in result.values()):
+        raise TrainingDiverged(f"evaluation gave non-finite metrics {result}")
     result["slice_dice"] = float(np.mean(metrics.per_slice_dice(**counts)))
     result["volume_dice"] = float(np.mean(list(volumes.values())))
     result["num_slices"] = len(ids)
@@ -251,23 +279,25 @@ def predict_step(state: TrainState, batch: Batch, options: StepOptions) -> dict[
     return {"image": display * 255.0, "mask": masks, "prob": jax.nn.sigmoid(logits)}
 
 
-def write_prediction_grid(
-    predict_fn, state: TrainState, source, tumour_area: np.ndarray, out_png: Path, count: int = 8
-) -> Path:
-    """Contours on `count` tumour-bearing slices spread over the split (by index order)."""
+def predict_examples(
+    predict_fn, state: TrainState, source, tumour_area: np.ndarray, mesh, count: int = 8
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Predictions on `count` tumour-bearing slices spread over the split (by index order),
+    with a title per slice (patient, slice number, Dice)."""
     positive = np.flatnonzero(tumour_area > 0)
     if len(positive) == 0:
         positive = np.arange(len(source))
     chosen = positive[np.linspace(0, len(positive) - 1, min(count, len(positive))).astype(int)]
     plan = input_pipeline.EpochPlan(chosen[None, :], np.ones((1, len(chosen)), bool))
     batch = next(input_pipeline.iterate(source, plan))
-    out = jax.device_get(predict_fn(state, input_pipeline.device_batch(batch)))
+    device = parallel.replicate(input_pipeline.device_batch(batch), mesh)
+    out = jax.device_get(predict_fn(state, device))
     dice = metrics.per_slice_dice(**jax.device_get(metrics.slice_stats(out["mask"], out["prob"])))
     titles = [
         f"{pid} #{idx}  Dice {d:.2f}"
         for pid, idx, d in zip(batch["patient_id"], batch["slice_index"], dice, strict=True)
     ]
-    return plots.contour_grid(out["image"], out["mask"], out["prob"], titles, out_png)
+    return out, titles
 
 
 def _log_jsonl(path: Path, record: dict) -> None:
@@ -291,76 +321,6 @@ def _fmt_seconds(s: float) -> str:
     )
 
 
-class _Feed:
-    """Where training and evaluation batches come from: grain (prefetched to the device) or
-    a device-resident cache. Training batches are this process's shard of the global batch."""
-
-    def __init__(self, config: ml_collections.ConfigDict, builder):
-        self.config = config
-        self.builder = builder
-        self.sources = builder.as_data_source()
-        for split in ("train", "validation"):
-            if split not in self.sources:
-                raise config_checks.ConfigError(f"the prepared data has no {split!r} split")
-        self.read = {"num_threads": config.data.num_threads, "num_workers": config.data.num_workers}
-        self.local_batch = config.batch_size // jax.process_count()
-        self.tumour_area = {
-            split: input_pipeline.read_field(
-                functools.partial(builder.as_data_source, split), "tumour_area"
-            )
-            for split in self.sources
-        }
-        self.cache = {}
-        if config.data.device_cache:
-            for split in ("train", "validation"):
-                self.cache[split] = input_pipeline.DeviceCache(self.sources[split])
-            logging.info("Device cache: train and validation splits held on the device as uint8")
-        factor = config.data.oversample_tumour
-        if factor != 1.0:
-            areas = self.tumour_area["train"]
-            logging.info(
-                "Oversampling tumour slices x%.2f: %d of %d training slices carry tumour; an "
-                "epoch has about %d examples instead of %d",
-                factor,
-                int((areas > 0).sum()),
-                len(areas),
-                int(len(areas) + (factor - 1) * (areas > 0).sum()),
-                len(areas),
-            )
-
-    def train_plan(self, epoch: int) -> input_pipeline.EpochPlan:
-        config = self.config
-        repeats = None
-        if config.data.oversample_tumour != 1.0:
-            repeats = input_pipeline.oversampling_repeats(
-                self.tumour_area["train"], config.data.oversample_tumour, config.seed, epoch
-            )
-        return input_pipeline.epoch_plan(
-            len(self.sources["train"]),
-            self.local_batch,
-            shuffle=True,
-            seed=config.seed,
-            epoch=epoch,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-            repeats=repeats,
-        )
-
-    def batches(self, split: str, plan: input_pipeline.EpochPlan):
-        if split in self.cache:
-            return self.cache[split].iterate(plan)
-        return input_pipeline.prefetch_to_device(
-            input_pipeline.iterate(self.sources[split], plan, **self.read)
-        )
-
-    def eval_batches(self, split: str):
-        """Every example of the split once (each process evaluates the whole split)."""
-        plan = input_pipeline.epoch_plan(
-            len(self.sources[split]), self.config.eval_batch_size, shuffle=False
-        )
-        return self.batches(split, plan)
-
-
 def _epoch_log_line(record: dict, num_epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f} dice "
@@ -371,103 +331,284 @@ def _epoch_log_line(record: dict, num_epochs: int) -> str:
     )
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops when val_loss has not improved by more than `min_delta` for `patience` epochs
+    (patience 0: never). Its state travels in every checkpoint's record."""
+
+    patience: int
+    min_delta: float
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+
+    def update(self, epoch: int, val_loss: float) -> bool:
+        """Records the epoch's val_loss; True when training should stop."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch = val_loss, epoch
+        return self.should_stop(epoch)
+
+    def should_stop(self, epoch: int) -> bool:
+        return self.patience > 0 and epoch - self.best_epoch >= self.patience
+
+    def to_json(self) -> dict:
+        best = self.best_loss if np.isfinite(self.best_loss) else None
+        return {"best_loss": best, "best_epoch": self.best_epoch}
+
+    def restored(self, saved: dict) -> EarlyStopping:
+        best = saved["best_loss"]
+        return dataclasses.replace(
+            self,
+            best_loss=float("inf") if best is None else best,
+            best_epoch=saved["best_epoch"],
+        )
+
+
+class _Log:
+    """absl INFO lines from process 0 only."""
+
+    def __init__(self):
+        self.on = parallel.is_main_process()
+
+    def __call__(self, *args) -> None:
+        if self.on:
+            logging.info(*args)
+
+
+def initial_state(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, jax.Array]:
+    """(the freshly initialised TrainState, the base PRNG key of the train steps), both
+    replicated over `mesh`; a function of `config.seed` only."""
+
+    def init():
+        init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+        return create_train_state(config, init_rng), step_rng
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The jit-compiled steps of a run over `mesh`: batches sharded, everything else
+    replicated. `train(state, batch, rng)` folds the step number into `rng`."""
+
+    train: Any
+    eval: Any
+    predict: Any
+    plateau: Any
+
+
+def compile_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> CompiledSteps:
+    options = StepOptions.from_config(config)
+    replicated = parallel.replicated(mesh)
+
+    def train_fn(state, batch, rng):
+        return train_step(state, batch, jax.random.fold_in(rng, state.step), options)
+
+    return CompiledSteps(
+        train=jax.jit(train_fn, donate_argnums=0, out_shardings=replicated),
+        eval=jax.jit(functools.partial(eval_step, options=options), out_shardings=replicated),
+        predict=jax.jit(functools.partial(predict_step, options=options), out_shardings=replicated),
+        plateau=jax.jit(lambda s, v: step_plateau(s, v, config), out_shardings=replicated),
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains per `config`, writing checkpoints and metrics.jsonl under `workdir`; resumes
-    from the latest checkpoint there. Returns the final evaluation of the best checkpoint."""
+    """Trains per `config` on every device of every process, writing checkpoints,
+    metrics.jsonl, TensorBoard events and pictures under `workdir`; resumes from the latest
+    checkpoint there (mid-epoch too). Returns the final evaluation of the best checkpoint.
+
+    Raises `Interrupted` after saving a checkpoint when SIGTERM or SIGINT arrives, and
+    `TrainingDiverged` on a NaN or infinite loss (the last good checkpoint stays).
+    """
+    return run_training(config, workdir)[1]
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict]:
+    """`train_and_evaluate`, also returning the final (last-epoch) TrainState."""
     config_checks.check(config)
+    log = _Log()
+    main = parallel.is_main_process()
     workdir_path = Path(workdir).expanduser()
     workdir_path.mkdir(parents=True, exist_ok=True)
     builder = dataset.prepare(config.data)
-    feed = _Feed(config, builder)
+    mesh = parallel.data_mesh()
+    feed = Feed(config, builder, mesh)
     sources = feed.sources
-    logging.info(
+    log(
         "Data: %s (%s); %s",
         builder.info.metadata["source"],
         builder.data_path,
         ", ".join(f"{split} {len(src)} slices" for split, src in sources.items()),
     )
+    log(
+        "Devices: %d (%d processes), global batch %d = %d per device; compute dtype %s",
+        jax.device_count(),
+        jax.process_count(),
+        config.batch_size,
+        config.batch_size // jax.device_count(),
+        config.dtype,
+    )
 
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(config, init_rng)
+    state, step_rng = initial_state(config, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("U-Net: %d parameters (%.2fM)", num_params, num_params / 1e6)
+    log("U-Net: %d parameters (%.2fM)", num_params, num_params / 1e6)
 
     store = CheckpointStore(workdir_path / "checkpoints")
-    start_epoch = 1
-    if store.latest_epoch() is not None:
+    early = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
+    start_epoch, start_position, partial, stopped_early = 1, 0, None, None
+    if store.latest_step() is not None:
         state, meta = store.restore_latest(state)
-        start_epoch = meta["epoch"] + 1
-        logging.info("Resumed from epoch %d (step %d)", meta["epoch"], int(state.step))
+        early = early.restored(meta["early_stopping"])
+        if meta.get("position"):  # saved on an interrupt, mid-epoch
+            start_epoch, start_position, partial = meta["epoch"], meta["position"], meta
+            log(
+                "Resumed in epoch %d after %d batches (step %d)",
+                *(start_epoch, start_position, int(state.step)),
+            )
+        else:
+            start_epoch = meta["epoch"] + 1
+            log("Resumed after epoch %d (step %d)", meta["epoch"], int(state.step))
+            if early.should_stop(meta["epoch"]):
+                stopped_early, start_epoch = meta["epoch"], config.num_epochs + 1
+                log("That run had stopped early; evaluating its best checkpoint")
     metrics_path = workdir_path / "metrics.jsonl"
-    _drop_epochs_after(metrics_path, start_epoch - 1)
+    if main:
+        _drop_epochs_after(metrics_path, start_epoch - 1)
+    writer = summaries.SummaryWriter(workdir_path / "tensorboard")
 
-    options = StepOptions.from_config(config)
-    logging.info("Step options: %s", options)
-    p_train = jax.jit(train_step, static_argnames="options", donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, options=options))
+    log("Step options: %s", StepOptions.from_config(config))
+    steps = compile_steps(config, mesh)
+    p_train, p_eval, p_predict, p_plateau = steps.train, steps.eval, steps.predict, steps.plateau
     steps_per_epoch = len(feed.train_plan(1))
     total_steps = steps_per_epoch * config.num_epochs
     first_step = int(state.step)
 
+    def save_interrupted(epoch: int, position: int, train_mean: _Mean, stop: StopRequest):
+        step = int(state.step)
+        if store.latest_step() != step:  # else the last checkpoint already holds this state
+            meta = {
+                "epoch": epoch,
+                "position": position,
+                "step": step,
+                "train_mean": train_mean.to_json(),
+                "early_stopping": early.to_json(),
+            }
+            store.save(step, state, meta)
+        store.wait()
+        store.close()
+        writer.close()
+        where = f"epoch {epoch}, after {position} of {steps_per_epoch} batches (step {step})"
+        log("Stopped on a signal in %s; checkpoint saved. Rerun to continue.", where)
+        raise Interrupted(stop.signum, f"stopped on a signal in {where}; rerun to continue")
+
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, config.num_epochs + 1):
-        train_mean = _Mean()
-        t_epoch = time.perf_counter()
-        images_seen = 0
-        for batch in feed.batches("train", feed.train_plan(epoch)):
-            step = int(state.step)
-            state, out = p_train(
-                state,
-                input_pipeline.device_batch(batch),
-                jax.random.fold_in(step_rng, step),
-                options=options,
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, config.num_epochs + 1):
+            position = start_position if epoch == start_epoch else 0
+            train_mean = _Mean()
+            if position:
+                train_mean = _Mean(**partial["train_mean"])
+            t_epoch = time.perf_counter()
+            images_seen = 0
+            for batch in feed.batches("train", feed.train_plan(epoch), start=position):
+                if parallel.any_process(stop.requested):
+                    save_interrupted(epoch, position, train_mean, stop)
+                step = int(state.step)
+                state, out = p_train(state, input_pipeline.device_batch(batch), step_rng)
+                # Waiting for each step's metrics checks the loss at every step, and avoids a
+                # deadlock seen in XLA's CPU all-reduce with many steps in flight.
+                out = jax.device_get(out)
+                step += 1
+                position += 1
+                if not np.isfinite(out["loss"]):
+                    raise TrainingDiverged(
+                        f"loss is {out['loss']} at step {step} (epoch {epoch}); stopping. The "
+                        f"last good checkpoint (step {store.latest_step()}) is in "
+                        f"{store.directory}."
+                    )
+                train_mean.add(out)
+                images_seen += int(out["count"])
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    rate = (step - first_step) / max(time.perf_counter() - t_start, 1e-9)
+                    log(
+                        "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
+                        step,
+                        total_steps,
+                        epoch,
+                        float(out["loss"]),
+                        rate * config.batch_size,
+                        _fmt_seconds((total_steps - step) / max(rate, 1e-9)),
+                    )
+                    writer.scalars(
+                        step,
+                        {
+                            "train/loss": out["loss"],
+                            "train/dice": out["dice"],
+                            "train/learning_rate": learning_rate(state),
+                            "train/images_per_s": rate * config.batch_size,
+                        },
+                    )
+            train_seconds = time.perf_counter() - t_epoch
+            val = evaluate(
+                p_eval, state, *feed.eval_batches("validation"), feed.patient_id["validation"]
             )
-            out = jax.device_get(out)
-            if not np.isfinite(out["loss"]):
-                raise FloatingPointError(
-                    f"loss is {out['loss']} at step {step + 1} (epoch {epoch}); stopping. "
-                    f"The last good checkpoint is in {store.directory}."
+            lr_used = learning_rate(state)
+            state = p_plateau(state, val["loss"])
+            record = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "learning_rate": lr_used,
+                **{f"train_{k}": v for k, v in train_mean.result().items()},
+                **{f"val_{k}": val[k] for k in ("loss", "dice", "iou", "accuracy")},
+                "val_slice_dice": val["slice_dice"],
+                "val_volume_dice": val["volume_dice"],
+                "images_per_s": images_seen / max(train_seconds, 1e-9),
+                "epoch_seconds": time.perf_counter() - t_epoch,
+            }
+            stop_now = early.update(epoch, val["loss"])
+            store.save(int(state.step), state, {**record, "early_stopping": early.to_json()})
+            out, titles = predict_examples(  # a collective: every process runs it
+                p_predict,
+                state,
+                sources["validation"],
+                feed.tumour_area["validation"],
+                mesh,
+                count=config.summary_images,
+            )
+            if main:
+                _log_jsonl(metrics_path, record)
+                writer.scalars(
+                    int(state.step),
+                    {f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")},
                 )
-            train_mean.add(out)
-            images_seen += int(out["count"])
-            step += 1
-            if step % config.log_every_steps == 0 or step == total_steps:
-                rate = (step - first_step) / max(time.perf_counter() - t_start, 1e-9)
-                logging.info(
-                    "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
-                    step,
-                    total_steps,
+                rgb = plots.contour_grid_image(out["image"], out["mask"], out["prob"], titles)
+                writer.image(int(state.step), "validation/contours", rgb)
+                writer.flush()
+            log("%s", _epoch_log_line(record, config.num_epochs))
+            if stop_now:
+                stopped_early = epoch
+                log(
+                    "Early stopping after epoch %d: val_loss has not improved by more than %g "
+                    "since epoch %d (patience %d)",
                     epoch,
-                    float(out["loss"]),
-                    rate * config.batch_size,
-                    _fmt_seconds((total_steps - step) / max(rate, 1e-9)),
+                    early.min_delta,
+                    early.best_epoch,
+                    early.patience,
                 )
-        train_seconds = time.perf_counter() - t_epoch
-        val = evaluate(p_eval, state, feed.eval_batches("validation"))
-        lr_used = learning_rate(state)
-        state = step_plateau(state, val["loss"], config)
-        record = {
-            "epoch": epoch,
-            "step": int(state.step),
-            "learning_rate": lr_used,
-            **{f"train_{k}": v for k, v in train_mean.result().items()},
-            **{f"val_{k}": val[k] for k in ("loss", "dice", "iou", "accuracy")},
-            "val_slice_dice": val["slice_dice"],
-            "val_volume_dice": val["volume_dice"],
-            "images_per_s": images_seen / max(train_seconds, 1e-9),
-            "epoch_seconds": time.perf_counter() - t_epoch,
-        }
-        _log_jsonl(metrics_path, record)
-        store.save(epoch, state, record)
-        logging.info("%s", _epoch_log_line(record, config.num_epochs))
+                break
+            if epoch < config.num_epochs and parallel.any_process(stop.requested):
+                save_interrupted(epoch + 1, 0, _Mean(), stop)
     store.wait()
 
     best_state, best_meta = store.restore_best(state)
-    final = {"best_epoch": best_meta["epoch"]}
+    final = {"best_epoch": best_meta["epoch"], "stopped_early_after_epoch": stopped_early}
     for split in ("validation", "test"):
         if split in sources:
-            final[split] = evaluate(p_eval, best_state, feed.eval_batches(split))
-            logging.info(
+            final[split] = evaluate(
+                p_eval, best_state, *feed.eval_batches(split), feed.patient_id[split]
+            )
+            log(
                 "best checkpoint (epoch %d) on %s: loss %.4f dice %.4f iou %.4f acc %.4f | "
                 "per-volume Dice %.4f over %d patients, per-slice Dice %.4f",
                 best_meta["epoch"],
@@ -480,18 +621,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 len(final[split]["per_volume_dice"]),
                 final[split]["slice_dice"],
             )
-    (workdir_path / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-    plots.training_curves(metrics_path, workdir_path / "curves.png")
     shown = "test" if "test" in sources else "validation"
-    p_predict = jax.jit(functools.partial(predict_step, options=options))
-    grid = workdir_path / f"{shown}_predictions.png"
-    write_prediction_grid(p_predict, best_state, sources[shown], feed.tumour_area[shown], grid)
-    logging.info("Wrote %s and %s", workdir_path / "curves.png", grid)
+    out, titles = predict_examples(
+        p_predict, best_state, sources[shown], feed.tumour_area[shown], mesh
+    )
+    if main:
+        (workdir_path / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        plots.training_curves(metrics_path, workdir_path / "curves.png")
+        grid = workdir_path / f"{shown}_predictions.png"
+        plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
+        log("Wrote %s and %s", workdir_path / "curves.png", grid)
+    writer.close()
     store.close()
-    return final
+    return state, final
 
 
 __all__ = [
+    "CompiledSteps",
+    "EarlyStopping",
+    "compile_steps",
+    "initial_state",
+    "run_training",
     "StepOptions",
     "TrainState",
     "create_model",

@@ -24,7 +24,8 @@ def test_smoke_train_writes_checkpoint_and_resumes(tiny_config, real_data, real_
     records = read_jsonl(workdir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1]
     assert records[0]["step"] == steps_per_epoch
-    assert (workdir / "checkpoints" / "1").is_dir()
+    assert (workdir / "checkpoints" / str(steps_per_epoch)).is_dir()  # named by global step
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     for key in (
         "train_loss",
         "val_loss",
