@@ -1,7 +1,9 @@
-"""Train a U-Net on the LGG MRI Segmentation data.
+"""Train a U-Net on the LGG MRI Segmentation data, evaluate it, predict with it.
 
 python run.py --config=configs/unet.py --config.data.manual_dir=PATH --workdir=runs/unet
 python run.py --config=configs/demo.py --workdir=runs/demo     # synthetic phantom, no download
+python run.py --config=configs/demo.py --workdir=runs/demo --mode=evaluate
+python run.py --config=configs/demo.py --workdir=runs/demo --mode=predict --input=P --output=O
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lggunet import parallel, train
+from lggunet import inference, parallel, predict_files, report, train
 from lggunet.errors import LggUnetError
 from lggunet.interrupts import Interrupted
 
@@ -25,7 +27,20 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and reports go.")
 flags.DEFINE_enum(
-    "mode", "train", ["train"], "What to do: train (then evaluate the best checkpoint)."
+    "mode",
+    "train",
+    ["train", "evaluate", "predict"],
+    "train: train (resuming from the workdir), then score the best checkpoint on validation "
+    "and test. evaluate: write report.json/report.md/report_patients.csv and pictures for the "
+    "best checkpoint on every split. predict: masks for --input into --output.",
+)
+flags.DEFINE_string(
+    "input",
+    None,
+    "predict: a .tif slice, a patient folder, a kaggle_3m-style folder of patients, or a zip.",
+)
+flags.DEFINE_string(
+    "output", None, "predict: where <stem>_pred_mask.tif, overlays and volumes.csv go."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -37,6 +52,32 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def _predict() -> int:
+    if not FLAGS.input or not FLAGS.output:
+        raise app.UsageError("--mode=predict needs --input=PATH and --output=DIR")
+    config = FLAGS.config
+    model = inference.load_model_for(config, FLAGS.workdir, tta=config.predict.tta)
+    result = predict_files.predict_path(
+        model,
+        FLAGS.input,
+        FLAGS.output,
+        threshold=config.predict.threshold,
+        largest_connected_component=config.predict.largest_component,
+    )
+    logging.info(
+        "Wrote %d files for %d patients to %s",
+        len(result.written),
+        len(result.volumes),
+        FLAGS.output,
+    )
+    for message in result.failures:
+        print(f"error: {message}", file=sys.stderr)
+    if result.failures:
+        print(f"{len(result.failures)} input(s) failed; the others were written", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -45,7 +86,12 @@ def main(argv: list[str]) -> None:
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():
             logging.set_verbosity(logging.WARNING)
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "evaluate":
+            report.evaluate_run(FLAGS.config, FLAGS.workdir)
+        else:
+            sys.exit(_predict())
     except LggUnetError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

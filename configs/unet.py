@@ -73,6 +73,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.zoom_range = 0.05  # factors in [1 - z, 1 + z], x and y drawn independently
     config.augment.horizontal_flip = True
 
+    # --mode=evaluate: which variants report.json / report.md show besides the plain model.
+    config.evaluate = ml_collections.ConfigDict()
+    config.evaluate.tta = True  # also average with the horizontally flipped prediction
+    config.evaluate.largest_component = True  # also keep the largest 3D component per patient
+    config.evaluate.detection_min_pixels = 10  # a slice is "called" with >= this many pixels
+
+    # --mode=predict: how the written masks are made (default: the plain network, p > 0.5).
+    config.predict = ml_collections.ConfigDict()
+    config.predict.tta = False
+    config.predict.largest_component = False
+    config.predict.threshold = 0.5
+
     config.model = ml_collections.ConfigDict()
     config.model.features = 64  # base width; level i has features * 2**i channels
     config.model.depth = 4  # number of down-sampling steps

@@ -18,7 +18,7 @@ import io
 import os
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -255,6 +255,8 @@ def _read_tiff(source: Source, member: str) -> np.ndarray:
     data = source.read(member)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) == 0:
+                raise DataError(f"{source.describe(member)}: unreadable TIFF (no image in it)")
             if len(tif.pages) != 1:
                 raise DataError(
                     f"{source.describe(member)}: a stack of {len(tif.pages)} pages, "
@@ -297,3 +299,10 @@ def read_mask(source: Source, member: str) -> np.ndarray:
             "{0, 255} (or {0, 1})"
         )
     return (mask > 0).astype(np.uint8)
+
+
+def volume_statistics(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float32, shape (3,)) over all pixels of one patient's slices
+    (the `zscore_volume` normalisation's statistics)."""
+    volume = np.concatenate([np.asarray(x).reshape(-1, 3) for x in images]).astype(np.float64)
+    return volume.mean(axis=0).astype(np.float32), volume.std(axis=0).astype(np.float32)

@@ -22,6 +22,7 @@ from lggunet import augment as augment_lib
 from lggunet import (
     config_checks,
     dataset,
+    inference,
     input_pipeline,
     losses,
     metrics,
@@ -107,6 +108,18 @@ def step_plateau(
 NORMALIZATIONS = ("scale", "zscore_volume")
 
 
+def normalize_images(images, normalize: str, volume_mean=None, volume_std=None) -> jax.Array:
+    """uint8-range images (B, H, W, 3) -> the network's float32 input (see `preprocess`)."""
+    images = jnp.asarray(images).astype(jnp.float32)
+    if normalize == "zscore_volume":
+        mean = jnp.asarray(volume_mean, jnp.float32)[:, None, None, :]
+        std = jnp.maximum(jnp.asarray(volume_std, jnp.float32)[:, None, None, :], 1e-6)
+        return (images - mean) / std
+    if normalize == "scale":
+        return images / 255.0
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
+
+
 def preprocess(
     batch: Batch, image_size: int, normalize: str = "scale"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -117,15 +130,9 @@ def preprocess(
     `image_size` (images bilinear, masks bilinear then thresholded at 0.5). The same function
     serves training, evaluation and prediction.
     """
-    images = batch["image"].astype(jnp.float32)
-    if normalize == "zscore_volume":
-        mean = batch["volume_mean"][:, None, None, :].astype(jnp.float32)
-        std = jnp.maximum(batch["volume_std"][:, None, None, :].astype(jnp.float32), 1e-6)
-        images = (images - mean) / std
-    elif normalize == "scale":
-        images = images / 255.0
-    else:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
+    images = normalize_images(
+        batch["image"], normalize, batch.get("volume_mean"), batch.get("volume_std")
+    )
     masks = batch["mask"].astype(jnp.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:
         b = images.shape[0]
@@ -431,6 +438,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
     main = parallel.is_main_process()
     workdir_path = Path(workdir).expanduser()
     workdir_path.mkdir(parents=True, exist_ok=True)
+    if main:
+        inference.save_config(config, workdir_path)  # load_model and --mode=predict read it
     builder = dataset.prepare(config.data)
     mesh = parallel.data_mesh()
     feed = Feed(config, builder, mesh)

@@ -130,8 +130,7 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
         for case_slices in by_case.values():
             images = [kaggle3m.read_image(source, s.image) for s in case_slices]
             masks = [kaggle3m.read_mask(source, s.mask) for s in case_slices]
-            volume = np.stack(images).reshape(-1, 3).astype(np.float64)
-            mean, std = volume.mean(axis=0), volume.std(axis=0)
+            mean, std = kaggle3m.volume_statistics(images)
             for s, image, mask in zip(case_slices, images, masks, strict=True):
                 example = {
                     "image": PIL.Image.fromarray(image, mode="RGB"),
@@ -140,7 +139,7 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
                     "institution": s.institution,
                     "slice_index": s.index,
                     "tumour_area": int(mask.sum()),
-                    "volume_mean": mean.astype(np.float32),
-                    "volume_std": std.astype(np.float32),
+                    "volume_mean": mean,
+                    "volume_std": std,
                 }
                 yield f"{s.case}_{s.index}", example

@@ -1,0 +1,76 @@
+"""Per-volume segmentation metrics in NumPy/SciPy: Dice, precision, recall, HD95, and
+tumour-slice detection. Inputs are binary masks; a volume is one patient's slices in order.
+
+HD95 is in pixels: distances between mask surfaces on the voxel grid with unit spacing (an
+in-plane pixel, and one slice step; the data set does not record slice thickness). It is
+undefined (NaN) when either mask is empty; means skip those volumes and say how many counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def dice(true: np.ndarray, pred: np.ndarray) -> float:
+    """2|T&P| / (|T| + |P|); 1.0 when both are empty."""
+    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    total = t.sum() + p.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(t, p).sum() / total)
+
+
+def precision_recall(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(TP / predicted, TP / true); NaN where the denominator is 0."""
+    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    tp = np.logical_and(t, p).sum()
+    precision = float(tp / p.sum()) if p.any() else float("nan")
+    recall = float(tp / t.sum()) if t.any() else float("nan")
+    return precision, recall
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def hd95(true: np.ndarray, pred: np.ndarray) -> float:
+    """95th-percentile Hausdorff distance in pixels between the masks' surfaces: the larger
+    of the two directed 95th percentiles (as medpy's hd95). NaN if either mask is empty."""
+    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    if not t.any() or not p.any():
+        return float("nan")
+    st, sp = _surface(t), _surface(p)
+    to_true = ndimage.distance_transform_edt(~st)  # distance of every voxel to T's surface
+    to_pred = ndimage.distance_transform_edt(~sp)
+    return float(max(np.percentile(to_true[sp], 95), np.percentile(to_pred[st], 95)))
+
+
+def detection(true_areas, pred_areas, min_pixels: int) -> dict[str, float]:
+    """Tumour-slice detection: a slice is truly positive when its true mask is non-empty and
+    predicted positive when its predicted mask has >= `min_pixels` pixels."""
+    truth = np.asarray(true_areas) > 0
+    called = np.asarray(pred_areas) >= min_pixels
+    tp, fn = int((truth & called).sum()), int((truth & ~called).sum())
+    tn, fp = int((~truth & ~called).sum()), int((~truth & called).sum())
+    return {
+        "min_pixels": int(min_pixels),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+    }
+
+
+def summary(values) -> dict[str, float]:
+    """mean / median / std over the finite values, and how many there were."""
+    v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"mean": float("nan"), "median": float("nan"), "std": float("nan"), "count": 0}
+    return {
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "std": float(v.std()),
+        "count": int(v.size),
+    }

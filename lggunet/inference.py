@@ -1,0 +1,240 @@
+"""A trained U-Net as a plain callable: `load_model(workdir)` and `predict(images, model)`.
+
+For research code that wants masks without the config system or the data pipeline:
+
+    import lggunet
+    model = lggunet.load_model("runs/unet")            # the best checkpoint of that run
+    masks = lggunet.predict(images, model)             # (N, H, W) uint8 in {0, 1}
+    probs = model(images)                              # (N, H, W) float32 p(tumour)
+
+`images` is (N, H, W, 3) (pre-contrast, FLAIR, post-contrast) or one (H, W, 3) slice, uint8 or
+float on the same 0..255 intensity scale as the TIFFs; any H and W (resized to the model's
+input size and the probabilities mapped back). Runs on the default device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from scipy import ndimage
+
+from lggunet import kaggle3m, models, parallel
+from lggunet.checkpointing import CheckpointStore
+from lggunet.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Writes the run's config next to its checkpoints (load_model reads it)."""
+    path = Path(workdir) / CONFIG_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def saved_config(workdir: str | Path) -> ml_collections.ConfigDict | None:
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable config ({e})") from e
+
+
+@functools.partial(jax.jit, static_argnames=("module", "image_size", "normalize", "tta"))
+def _probabilities(variables, images, mean, std, *, module, image_size, normalize, tta):
+    from lggunet.train import normalize_images
+
+    n, h, w, _ = images.shape
+    x = normalize_images(images, normalize, mean, std)
+    if (h, w) != (image_size, image_size):
+        x = jax.image.resize(x, (n, image_size, image_size, 3), "linear")
+    probs = jax.nn.sigmoid(module.apply(variables, x, train=False))
+    if tta:  # average with the prediction on the horizontally flipped slices
+        flipped = jax.nn.sigmoid(module.apply(variables, x[:, :, ::-1], train=False))
+        probs = 0.5 * (probs + flipped[:, :, ::-1])
+    if (h, w) != (image_size, image_size):
+        probs = jax.image.resize(probs, (n, h, w, 1), "linear")
+    return probs[..., 0]
+
+
+@dataclasses.dataclass
+class Model:
+    """A U-Net with its weights and the preprocessing it was trained with."""
+
+    module: models.UNet
+    variables: dict[str, Any]
+    image_size: int
+    normalize: str = "scale"
+    tta: bool = False  # average with the horizontally flipped prediction
+    batch_size: int = 16
+    step: int | None = None  # the training step of the checkpoint
+    record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON record
+
+    def __call__(self, images, volume_mean=None, volume_std=None) -> np.ndarray:
+        """p(tumour) per pixel, (N, H, W) float32 (or (H, W) for one slice).
+
+        With `normalize == "zscore_volume"` the images are z-scored with the given per-channel
+        volume statistics, or, if none are given, with those of `images` taken as one volume.
+        """
+        images = np.asarray(images)
+        single = images.ndim == 3
+        if single:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"images must be (N, H, W, 3) or (H, W, 3) with 3 channels (pre-contrast, "
+                f"FLAIR, post-contrast), not {images.shape}"
+            )
+        if self.normalize == "zscore_volume" and volume_mean is None:
+            volume_mean, volume_std = kaggle3m.volume_statistics(images)
+        mean = np.broadcast_to(
+            np.asarray(0.0 if volume_mean is None else volume_mean, np.float32), (len(images), 3)
+        )
+        std = np.broadcast_to(
+            np.asarray(1.0 if volume_std is None else volume_std, np.float32), (len(images), 3)
+        )
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            count = len(images[chunk])
+            pad = self.batch_size - count  # fixed shapes: one compilation per image size
+
+            def padded(a, pad=pad):
+                return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
+
+            probs = _probabilities(
+                self.variables,
+                padded(images[chunk].astype(np.float32)),
+                padded(mean[chunk]),
+                padded(std[chunk]),
+                module=self.module,
+                image_size=self.image_size,
+                normalize=self.normalize,
+                tta=self.tta,
+            )
+            out.append(np.asarray(probs)[:count])
+        probs = np.concatenate(out)
+        return probs[0] if single else probs
+
+
+def largest_component(masks: np.ndarray) -> np.ndarray:
+    """Keeps the largest connected component (26-connectivity in 3D: the masks are one
+    patient's slices in order; 8-connectivity for one 2D slice), as Buda et al."""
+    masks = np.asarray(masks) > 0
+    if not masks.any():
+        return masks.astype(np.uint8)
+    structure = np.ones((3,) * masks.ndim, bool)
+    labels, count = ndimage.label(masks, structure=structure)
+    sizes = np.bincount(labels.ravel())[1:]
+    return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
+
+
+def predict(
+    images,
+    model: Model,
+    *,
+    threshold: float = 0.5,
+    largest_connected_component: bool = False,
+    volume_mean=None,
+    volume_std=None,
+) -> np.ndarray:
+    """Binary masks (N, H, W) uint8 in {0, 1} (or (H, W) for one slice): p > threshold.
+
+    With `largest_connected_component`, `images` are taken as one patient's slices in order
+    and only the largest 3D component is kept.
+    """
+    probs = model(images, volume_mean=volume_mean, volume_std=volume_std)
+    masks = (probs > threshold).astype(np.uint8)
+    return largest_component(masks) if largest_connected_component else masks
+
+
+def find_checkpoints(path: str | Path) -> tuple[Path, Path]:
+    """(workdir, checkpoints dir) for a run's workdir or its `checkpoints/` folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such directory")
+    if (path / "checkpoints").is_dir():
+        return path, path / "checkpoints"
+    if path.name == "checkpoints":
+        return path.parent, path
+    raise ConfigError(f"{path}: not a training workdir (no checkpoints/ folder in it)")
+
+
+def restore_variables(
+    config: ml_collections.ConfigDict, checkpoints: Path, which: str = "best"
+) -> tuple[dict[str, Any], dict]:
+    """({"params", "batch_stats"}, the checkpoint's record) of the best or latest checkpoint."""
+    from lggunet import train
+
+    store = CheckpointStore(checkpoints)
+    try:
+        step = store.best_step() if which == "best" else store.latest_step()
+        if step is None:
+            raise ConfigError(f"{checkpoints}: no complete checkpoint to load")
+        template, _ = train.initial_state(config, parallel.data_mesh())
+        try:
+            state, meta = store.restore(step, template)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{checkpoints}/{step}: does not match the model of the config "
+                f"(features={config.model.features}, depth={config.model.depth}): {e}"
+            ) from e
+    finally:
+        store.close()
+    variables = {"params": state.params}
+    if config.model.batch_norm:
+        variables["batch_stats"] = state.batch_stats
+    variables = jax.device_get(variables)
+    return jax.tree.map(jnp.asarray, variables), {**meta, "checkpoint_step": step}
+
+
+def model_from_config(
+    config: ml_collections.ConfigDict, checkpoints: Path, tta: bool = False
+) -> Model:
+    from lggunet import train
+
+    variables, meta = restore_variables(config, checkpoints)
+    return Model(
+        module=train.create_model(config),
+        variables=variables,
+        image_size=config.data.image_size,
+        normalize=config.data.normalize,
+        tta=tta,
+        batch_size=max(1, min(config.eval_batch_size, 32)),
+        step=meta["checkpoint_step"],
+        record=meta,
+    )
+
+
+def load_model(path: str | Path, *, tta: bool = False) -> Model:
+    """The best checkpoint of a training run (its workdir or its `checkpoints/` folder), with
+    the model and preprocessing settings that run saved in `config.json`."""
+    workdir, checkpoints = find_checkpoints(path)
+    config = saved_config(workdir)
+    if config is None:
+        raise ConfigError(
+            f"{workdir}: no {CONFIG_FILE} (runs from before it was written): use "
+            "inference.model_from_config(config, checkpoints_dir) with the training config"
+        )
+    return model_from_config(config, checkpoints, tta=tta)
+
+
+def load_model_for(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, tta: bool = False
+) -> Model:
+    """The best checkpoint of `workdir`, built with the run's saved config.json when there is
+    one (else with `config`)."""
+    workdir, checkpoints = find_checkpoints(workdir)
+    return model_from_config(saved_config(workdir) or config, checkpoints, tta=tta)

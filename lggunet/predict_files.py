@@ -1,0 +1,272 @@
+"""`--mode=predict`: masks for new scans on disk.
+
+The input is one .tif slice, a patient folder, a kaggle_3m-style folder of patient folders, or
+a zip of any of these. For every image `<rel>/<stem>.tif` (files named `*_mask.tif` are ground
+truth and are skipped) it writes `OUT/<rel>/<stem>_pred_mask.tif` (uint8 in {0, 255}, the
+input's height and width) and `OUT/<rel>/<stem>_overlay.png` (FLAIR with the predicted outline
+in red, and the ground truth in green when a `<stem>_mask.tif` lies beside it), then
+`OUT/volumes.csv`: per patient (folder), slices, slices with tumour, tumour area in pixels.
+
+A file that cannot be used (unreadable, wrong channel count, ...) is reported by name and
+skipped; the rest are still processed, and the result lists the failures.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import re
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import tifffile
+from absl import logging
+from PIL import Image
+from scipy import ndimage
+
+from lggunet import inference
+from lggunet.errors import DataError
+
+_TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
+_MASK = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
+_SLICE_NUMBER = re.compile(r"_(\d+)\.tiff?$", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    rel: PurePosixPath  # relative path of the image, used for the outputs
+    read: object  # () -> bytes
+    where: str  # for messages
+    mask_rel: PurePosixPath | None = None  # the ground truth beside it, if any
+
+
+@dataclasses.dataclass
+class PredictResult:
+    written: list[Path] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+    volumes: list[dict] = dataclasses.field(default_factory=list)
+
+
+def _safe_rel(name: str) -> PurePosixPath | None:
+    """A relative path that stays inside the output folder, or None (zip-slip guard)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
+        return None
+    return path
+
+
+def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list[str]]:
+    """(images to predict, {rel: reader} of ground-truth masks, problems found while listing).
+    Paths are relative to the input folder (to the file's folder for one file)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    problems: list[str] = []
+    files: dict[PurePosixPath, tuple[object, str]] = {}
+    if path.is_file() and zipfile.is_zipfile(path):
+        archive = zipfile.ZipFile(path)
+        for info in archive.infolist():
+            if info.is_dir() or not _TIF.search(info.filename):
+                continue
+            rel = _safe_rel(info.filename)
+            if rel is None:
+                problems.append(f"{path}!{info.filename}: path leaves the output folder; skipped")
+                continue
+            files[rel] = (lambda info=info: archive.read(info), f"{path}!{info.filename}")
+    elif path.is_file():
+        if not _TIF.search(path.name):
+            raise DataError(f"{path}: not a .tif image, a folder or a zip")
+        files[PurePosixPath(path.name)] = (path.read_bytes, str(path))
+    else:
+        for file in sorted(path.rglob("*")):
+            if file.is_file() and _TIF.search(file.name):
+                rel = PurePosixPath(file.relative_to(path).as_posix())
+                files[rel] = (file.read_bytes, str(file))
+    masks = {rel: reader for rel, (reader, _) in files.items() if _MASK.search(rel.name)}
+    images = []
+    for rel, (reader, where) in sorted(files.items()):
+        if _MASK.search(rel.name):
+            continue
+        mask_rel = rel.with_name(rel.stem + "_mask" + rel.suffix)
+        images.append(InputFile(rel, reader, where, mask_rel if mask_rel in masks else None))
+    if not images:
+        raise DataError(
+            f"{path}: no .tif images to predict on (files named *_mask.tif are skipped)"
+        )
+    return images, masks, problems
+
+
+def read_slice(data: bytes, where: str) -> np.ndarray:
+    """One (H, W, 3) uint8 slice from TIFF bytes, or a DataError naming the file."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) == 0:
+                raise DataError(f"{where}: unreadable TIFF (no image in it)")
+            if len(tif.pages) != 1:
+                raise DataError(f"{where}: a stack of {len(tif.pages)} pages, expected one slice")
+            image = tif.pages[0].asarray()
+    except DataError:
+        raise
+    except Exception as e:  # tifffile raises many types on broken files
+        raise DataError(f"{where}: unreadable TIFF ({type(e).__name__}: {e})") from e
+    channels = 1 if image.ndim == 2 else image.shape[-1]
+    if image.ndim not in (2, 3) or channels != 3:
+        raise DataError(
+            f"{where}: {channels} channel(s) {image.shape}; the model needs 3 "
+            "(pre-contrast, FLAIR, post-contrast)"
+        )
+    if image.dtype != np.uint8:
+        raise DataError(f"{where}: pixel type {image.dtype}; expected uint8 (0..255)")
+    return image
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    mask = mask > 0
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
+    """FLAIR (channel 1) in grey with the predicted outline red and the true one green."""
+    rgb = np.repeat(image[..., 1:2], 3, axis=-1).copy()
+    if truth is not None:
+        rgb[_outline(truth)] = (0, 255, 0)
+    rgb[_outline(pred)] = (255, 0, 0)
+    return rgb
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _root_name(path: Path) -> str:
+    """The patient of images lying directly in the input: the folder's (or file's folder's)
+    name, or the zip's stem."""
+    if path.is_dir():
+        return path.resolve().name
+    if zipfile.is_zipfile(path):
+        return path.stem
+    return path.resolve().parent.name
+
+
+def _slice_number(rel: PurePosixPath) -> tuple[int, str]:
+    m = _SLICE_NUMBER.search(rel.name)
+    return (int(m.group(1)) if m else 0, rel.name)
+
+
+def predict_path(
+    model: inference.Model,
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    threshold: float = 0.5,
+    largest_connected_component: bool = False,
+) -> PredictResult:
+    """Predicts every image under `input_path` into `output` (see the module docstring)."""
+    images, masks, problems = collect_inputs(input_path)
+    output = Path(output).expanduser()
+    result = PredictResult(failures=list(problems))
+    for message in problems:
+        logging.error("%s", message)
+    groups: dict[PurePosixPath, list[InputFile]] = {}
+    for item in images:
+        groups.setdefault(item.rel.parent, []).append(item)
+    total = len(images)
+    done = 0
+    for folder, items in sorted(groups.items()):
+        items.sort(key=lambda it: _slice_number(it.rel))
+        loaded = []
+        for item in items:
+            try:
+                loaded.append((item, read_slice(item.read(), item.where)))
+            except (DataError, OSError) as e:
+                message = str(e) if isinstance(e, DataError) else f"{item.where}: {e}"
+                result.failures.append(message)
+                logging.error("%s", message)
+        if not loaded:
+            continue
+        arrays = [a for _, a in loaded]
+        mean, std = None, None
+        if model.normalize == "zscore_volume":
+            from lggunet import kaggle3m
+
+            mean, std = kaggle3m.volume_statistics(arrays)
+        preds: list = [None] * len(arrays)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):  # slices may differ in size: predict each size at once
+            by_shape.setdefault(a.shape, []).append(i)
+        for idx in by_shape.values():
+            probs = model(np.stack([arrays[i] for i in idx]), mean, std)
+            for i, p in zip(idx, probs, strict=True):
+                preds[i] = (p > threshold).astype(np.uint8)
+        same_size = len({p.shape for p in preds}) == 1
+        if largest_connected_component and same_size:
+            preds = list(inference.largest_component(np.stack(preds)))
+        elif largest_connected_component:
+            preds = [inference.largest_component(p) for p in preds]
+        tumour_slices, area = 0, 0
+        for (item, image), pred in zip(loaded, preds, strict=True):
+            stem = item.rel.stem
+            out_dir = output / Path(*item.rel.parent.parts)
+            mask_path = out_dir / f"{stem}_pred_mask.tif"
+            _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
+            truth = None
+            if item.mask_rel is not None:
+                try:
+                    truth = np.asarray(read_mask_bytes(masks[item.mask_rel]()))
+                    if truth.shape != pred.shape:
+                        truth = None
+                except (DataError, OSError, ValueError):
+                    truth = None
+            png = out_dir / f"{stem}_overlay.png"
+            _write_atomic(
+                png,
+                lambda p, i=image, m=pred, t=truth: Image.fromarray(overlay(i, m, t)).save(
+                    p, format="PNG"
+                ),
+            )
+            result.written += [mask_path, png]
+            tumour_slices += int(pred.any())
+            area += int(pred.sum())
+        done += len(items)
+        patient = folder.name if folder.parts else _root_name(Path(input_path).expanduser())
+        result.volumes.append(
+            {
+                "patient": patient,
+                "folder": folder.as_posix(),
+                "slices": len(loaded),
+                "slices_with_tumour": tumour_slices,
+                "tumour_area_pixels": area,
+            }
+        )
+        logging.info(
+            "%s: %d slices, %d with tumour (%d/%d images done)",
+            patient,
+            len(loaded),
+            tumour_slices,
+            done,
+            total,
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    fields = ["patient", "folder", "slices", "slices_with_tumour", "tumour_area_pixels"]
+
+    def write_csv(p):
+        with open(p, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(result.volumes)
+
+    _write_atomic(output / "volumes.csv", write_csv)
+    return result
+
+
+def read_mask_bytes(data: bytes) -> np.ndarray:
+    mask = tifffile.imread(io.BytesIO(data))
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    return (mask > 0).astype(np.uint8)

@@ -1,0 +1,128 @@
+"""Report numbers against independent NumPy / SciPy references on small fixed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from configs import demo
+from lggunet import evaluation, inference, report
+
+
+def surface_points(mask):
+    """Voxels of the mask with at least one 6-neighbour (or the border) outside: by loops."""
+    padded = np.pad(mask, 1)
+    points = []
+    for idx in zip(*np.nonzero(mask), strict=True):
+        p = tuple(i + 1 for i in idx)
+        for axis in range(mask.ndim):
+            for step in (-1, 1):
+                q = list(p)
+                q[axis] += step
+                if not padded[tuple(q)]:
+                    points.append(idx)
+                    break
+            else:
+                continue
+            break
+    return np.array(points, float)
+
+
+def brute_hd95(a, b):
+    pa, pb = surface_points(a), surface_points(b)
+    d = cdist(pa, pb)
+    return max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
+
+
+def test_hd95_hand_cases():
+    a = np.zeros((1, 20, 20), bool)
+    b = a.copy()
+    a[0, 3, 3] = True
+    b[0, 3, 8] = True
+    assert evaluation.hd95(a, b) == pytest.approx(5.0)
+    assert np.isnan(evaluation.hd95(a, np.zeros_like(a)))
+    assert evaluation.hd95(a, a) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_matches_brute_force_on_random_volumes(seed):
+    rng = np.random.default_rng(seed)
+    true = np.zeros((4, 24, 24), bool)
+    pred = np.zeros((4, 24, 24), bool)
+    true[1:3, 5:15, 6:14] = True
+    pred[0:3, 7 + seed : 16 + seed, 4:12] = True
+    pred |= rng.random(pred.shape) > 0.985  # a few stray voxels
+    assert evaluation.hd95(true, pred) == pytest.approx(brute_hd95(true, pred), abs=1e-9)
+
+
+def test_dice_precision_recall_and_detection_hand_case():
+    t = np.zeros((2, 4, 4), bool)
+    p = np.zeros((2, 4, 4), bool)
+    t[0, :2, :2] = True  # 4 pixels
+    p[0, :2, :1] = True  # 2 pixels, both inside
+    p[1, 0, 0] = True  # 1 false positive
+    assert evaluation.dice(t, p) == pytest.approx(2 * 2 / (4 + 3))
+    assert evaluation.precision_recall(t, p) == pytest.approx((2 / 3, 2 / 4))
+    assert evaluation.dice(np.zeros(3), np.zeros(3)) == 1.0
+    det = evaluation.detection([5, 0, 0, 7, 0], [5, 3, 0, 0, 12], min_pixels=4)
+    # truth +,-,-,+,-; called +,-,-,-,+ -> tp 1, fn 1, tn 2, fp 1
+    assert (det["tp"], det["fn"], det["tn"], det["fp"]) == (1, 1, 2, 1)
+    assert det["sensitivity"] == 0.5 and det["specificity"] == pytest.approx(2 / 3)
+
+
+def test_largest_component_keeps_the_biggest_3d_blob():
+    m = np.zeros((3, 10, 10), np.uint8)
+    m[0:2, 1:3, 1:3] = 1  # 8 voxels, across two slices
+    m[2, 6:8, 6:9] = 1  # 6 voxels
+    kept = inference.largest_component(m)
+    np.testing.assert_array_equal(kept, (np.arange(3)[:, None, None] < 2) & (m > 0))
+    diagonal = np.zeros((2, 4, 4), np.uint8)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = 1  # 26-connected: one component
+    assert inference.largest_component(diagonal).sum() == 2
+
+
+def test_report_scores_equal_numpy_reference():
+    """_score on two hand-made patients: notebook formulas, per-volume Dice, HD95, detection."""
+    rng = np.random.default_rng(0)
+    n = 6
+    truth = np.zeros((n, 16, 16), bool)
+    truth[1, 4:9, 4:9] = truth[2, 5:10, 4:8] = truth[4, 2:6, 2:6] = True
+    probs = np.clip(truth * 0.8 + rng.random((n, 16, 16)) * 0.3, 0, 1).astype(np.float32)
+    probs[5, 10:13, 10:13] = 0.9  # a false positive blob, in patient B's last slice
+    patients = ["A", "A", "A", "B", "B", "B"]
+    split = report._Split()
+    split.patient, split.slice_index = patients, [1, 2, 3, 1, 2, 3]
+    split.true = np.packbits(truth, axis=-1)
+    split.pred = {"plain": np.packbits(probs > 0.5, axis=-1)}
+    split.weights = [n]
+    split.notebook = {"plain": [report._notebook_metrics(truth.astype(np.uint8), probs)]}
+    config = demo.get_config()
+    config.evaluate.largest_component = True
+    config.evaluate.detection_min_pixels = 4
+    result, rows, _ = report._score(split, config)
+
+    t, p = truth.astype(np.float64), probs.astype(np.float64)
+    nb_dice = (2 * (t * p).sum() + 100) / (t.sum() + p.sum() + 100)
+    nb_iou = ((t * p).sum() + 100) / ((t + p).sum() - (t * p).sum() + 100)
+    assert result["notebook"]["plain"]["dice"] == pytest.approx(nb_dice, rel=1e-5)
+    assert result["notebook"]["plain"]["iou"] == pytest.approx(nb_iou, rel=1e-5)
+    assert result["notebook"]["plain"]["accuracy"] == pytest.approx(
+        ((p > 0.5) == t).mean(), rel=1e-6
+    )
+    binary = probs > 0.5
+    for row, idx in zip(rows, (slice(0, 3), slice(3, 6)), strict=True):
+        tv, pv = truth[idx], binary[idx]
+        ref = 2 * (tv & pv).sum() / (tv.sum() + pv.sum())
+        assert row["dice"] == pytest.approx(ref)
+        assert row["true_area"] == tv.sum() and row["pred_area"] == pv.sum()
+        assert row["hd95"] == pytest.approx(brute_hd95(tv, pv))
+    plain = result["variants"]["plain"]
+    assert plain["volume_dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in rows]))
+    areas = binary.sum(axis=(1, 2))
+    det = plain["detection"]
+    assert det["tp"] == int(((truth.sum(axis=(1, 2)) > 0) & (areas >= 4)).sum())
+    assert det["fp"] == int(((truth.sum(axis=(1, 2)) == 0) & (areas >= 4)).sum())
+    # LCC removes patient B's separate false-positive blob (and the noise specks).
+    lcc_b = inference.largest_component(binary[3:6])
+    assert rows[1]["pred_area_lcc"] == lcc_b.sum() < rows[1]["pred_area"]

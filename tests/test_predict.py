@@ -1,0 +1,189 @@
+"""--mode=predict and --mode=evaluate as a user runs them, and the Python API beside them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+import lggunet
+from configs import demo
+from lggunet import inference, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny U-Net trained for one epoch on the phantom: its workdir."""
+    root = tmp_path_factory.mktemp("trained")
+    config = demo.get_config()
+    config.data.data_dir = str(root / "tfds")
+    config.data.image_size = 32
+    config.data.phantom_patients = 6
+    config.data.phantom_slices = 10
+    config.model.features = 4
+    config.model.depth = 2
+    config.num_epochs = 1
+    config.summary_images = 2
+    train.train_and_evaluate(config, str(root / "run"))
+    return root / "run"
+
+
+def run(args, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "--config=configs/demo.py", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def predict_cli(workdir, input_path, output):
+    return run(
+        [f"--workdir={workdir}", "--mode=predict", f"--input={input_path}", f"--output={output}"]
+    )
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_real_patient_folder(trained, real_data, tmp_path):
+    patient = sorted(p for p in real_data.iterdir() if p.is_dir())[0]
+    images = sorted(p for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif"))
+    out = tmp_path / "out"
+    result = predict_cli(trained, patient, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    masks = sorted(out.glob("*_pred_mask.tif"))
+    assert [m.name for m in masks] == sorted(f"{p.stem}_pred_mask.tif" for p in images)
+    assert not list(out.glob("*_mask_pred_mask.tif"))  # ground truth is not predicted on
+    slices_with_tumour, area = 0, 0
+    for m in masks:
+        mask = tifffile.imread(m)
+        assert mask.shape == (256, 256) and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        slices_with_tumour += int(mask.any())
+        area += int((mask > 0).sum())
+        with Image.open(out / m.name.replace("_pred_mask.tif", "_overlay.png")) as png:
+            png.verify()
+            assert png.format == "PNG" and png.size == (256, 256)
+    (row,) = read_csv(out / "volumes.csv")
+    assert row["patient"] == patient.name
+    assert int(row["slices"]) == len(images)
+    assert int(row["slices_with_tumour"]) == slices_with_tumour
+    assert int(row["tumour_area_pixels"]) == area
+
+
+def test_python_api_gives_the_same_masks_as_the_cli(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in" / "TCGA_XX_0001_20000101"
+    folder.mkdir(parents=True)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(3)]
+    for i, image in enumerate(images, 1):
+        tifffile.imwrite(folder / f"TCGA_XX_0001_20000101_{i}.tif", image, photometric="rgb")
+    result = predict_cli(trained, tmp_path / "in", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = lggunet.load_model(trained)
+    assert isinstance(model, inference.Model)
+    api = lggunet.predict(np.stack(images), model)
+    assert api.shape == (3, 256, 256) and api.dtype == np.uint8
+    for i in range(3):
+        cli = tifffile.imread(
+            tmp_path / "out" / folder.name / f"TCGA_XX_0001_20000101_{i + 1}_pred_mask.tif"
+        )
+        np.testing.assert_array_equal(cli, api[i] * 255)
+    probs = model(images[0].astype(np.float32))  # float input on the same 0..255 scale
+    np.testing.assert_array_equal((probs > 0.5).astype(np.uint8), api[0])
+
+
+def test_bad_inputs_are_named_and_the_good_ones_still_written(trained, tmp_path):
+    folder = tmp_path / "in" / "TCGA_XX_0002_20000101"
+    folder.mkdir(parents=True)
+    good = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    tifffile.imwrite(folder / "TCGA_XX_0002_20000101_1.tif", good, photometric="rgb")
+    tifffile.imwrite(folder / "TCGA_XX_0002_20000101_2.tif", good[..., 1])  # 1 channel
+    (folder / "TCGA_XX_0002_20000101_3.tif").write_bytes(b"II*\x00garbage" * 10)  # corrupt
+    odd = np.random.default_rng(2).integers(0, 256, (200, 180, 3), dtype=np.uint8)
+    tifffile.imwrite(folder / "TCGA_XX_0002_20000101_4.tif", odd, photometric="rgb")
+    out = tmp_path / "out"
+    result = predict_cli(trained, tmp_path / "in", out)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "TCGA_XX_0002_20000101_2.tif: 1 channel(s)" in result.stderr
+    assert "TCGA_XX_0002_20000101_3.tif: unreadable TIFF" in result.stderr
+    assert "2 input(s) failed" in result.stderr
+    written = sorted(p.name for p in (out / folder.name).glob("*_pred_mask.tif"))
+    assert written == [
+        "TCGA_XX_0002_20000101_1_pred_mask.tif",
+        "TCGA_XX_0002_20000101_4_pred_mask.tif",
+    ]
+    # A slice that is not 256x256 is resized for the model and its mask mapped back.
+    assert tifffile.imread(out / folder.name / "TCGA_XX_0002_20000101_4_pred_mask.tif").shape == (
+        200,
+        180,
+    )
+    (row,) = read_csv(out / "volumes.csv")
+    assert int(row["slices"]) == 2
+
+
+def test_empty_folder_and_missing_path_fail_clearly(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = predict_cli(trained, tmp_path / "empty", tmp_path / "out")
+    assert result.returncode == 2 and "no .tif images to predict on" in result.stderr
+    result = predict_cli(trained, tmp_path / "missing", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{tmp_path / 'missing'}: no such file or folder" in result.stderr
+
+
+def test_zip_input_and_zip_slip_members(trained, tmp_path):
+    image = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    src = tmp_path / "slice.tif"
+    tifffile.imwrite(src, image, photometric="rgb")
+    archive = tmp_path / "scans.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(src, "kaggle_3m/TCGA_XX_0003_20000101/TCGA_XX_0003_20000101_1.tif")
+        z.write(src, "../escape.tif")
+        z.write(src, "/abs/escape2.tif")
+    out = tmp_path / "deep" / "out"
+    result = predict_cli(trained, archive, out)
+    assert result.returncode == 1
+    assert "../escape.tif: path leaves the output folder" in result.stderr
+    assert (
+        out / "kaggle_3m" / "TCGA_XX_0003_20000101" / "TCGA_XX_0003_20000101_1_pred_mask.tif"
+    ).exists()
+    assert not list((tmp_path / "deep").glob("escape*")) and not Path("/abs").exists()
+
+
+def test_evaluate_mode_writes_the_report(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    result = run([f"--workdir={workdir}", "--mode=evaluate"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / "report.json").read_text())
+    assert set(report["splits"]) == {"train", "validation", "test"}
+    test = report["splits"]["test"]
+    assert set(test["variants"]) == {"plain", "tta", "lcc", "tta+lcc"}
+    assert set(test["notebook"]["plain"]) == {"loss", "accuracy", "dice", "iou"}
+    rows = read_csv(workdir / "report_patients.csv")
+    assert {r["split"] for r in rows} == {"train", "validation", "test"}
+    assert sum(int(r["slices"]) for r in rows) == 60  # 6 phantom patients x 10 slices
+    test_rows = [float(r["dice"]) for r in rows if r["split"] == "test"]
+    assert test["variants"]["plain"]["volume_dice"]["mean"] == pytest.approx(np.mean(test_rows))
+    for png in ("report_volume_dice.png", "report_slices_test.png"):
+        with Image.open(workdir / png) as image:
+            image.verify()
+    assert "| test | plain |" in (workdir / "report.md").read_text()
