@@ -100,5 +100,22 @@ def main(argv: list[str]) -> None:
         sys.exit(e.exit_code)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a one-line error (exit 2) for a misspelt or ill-typed config field
+    instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(
+            f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        print(f"error: bad --config override: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_workers = 0  # grain worker processes (0: read in this process)
     config.data.device_cache = False  # hold train + validation on the device (uint8, ~1 GB)
     config.data.normalize = "scale"  # "scale" (x/255, the notebook) or "zscore_volume"
+    config.data.skip_invalid = (
+        False  # True: leave out bad slices (each reported) instead of stopping
+    )
     config.data.oversample_tumour = 1.0  # tumour slices appear this many times per epoch
 
     # Keras ImageDataGenerator semantics and the notebook's values; see lggunet/augment.py.

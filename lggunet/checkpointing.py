@@ -4,7 +4,10 @@ Each checkpoint is a folder `checkpoints/<step>/` (the global training step) wit
 (`state/`) and a JSON record (`meta/`): the epoch's metrics for an end-of-epoch checkpoint, or
 the position in the epoch for one saved on an interrupt (those carry no val_loss and are never
 "best"). orbax writes to a temporary folder and renames it when complete, so an interrupted
-save is never taken for a whole checkpoint. In multi-process runs every process calls `save`
+save (kill -9, power loss) is never taken for a whole checkpoint; saves are waited for, so a
+failed write (a full disk) surfaces as a CheckpointError at once, leaving earlier checkpoints
+as they were; a checkpoint that cannot be read back is skipped with a warning for the
+previous one. In multi-process runs every process calls `save`
 (the writes are collective). Nothing here is unpickled.
 """
 
@@ -15,7 +18,14 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from lggunet.errors import LggUnetError
+
+
+class CheckpointError(LggUnetError):
+    """A checkpoint could not be written or read; the message says which and why."""
 
 
 def _val_loss(metrics: dict) -> float:
@@ -46,17 +56,27 @@ class CheckpointStore:
         )
 
     def save(self, step: int, state: Any, record: dict) -> None:
-        """Saves `state` as checkpoint `step`; `record` must hold val_loss when it is an
-        end-of-epoch checkpoint (without it the checkpoint only counts as the latest)."""
+        """Saves `state` as checkpoint `step` and waits until it is complete; `record` must
+        hold val_loss when it is an end-of-epoch checkpoint (without it the checkpoint only
+        counts as the latest)."""
         metrics = {"val_loss": float(record["val_loss"])} if "val_loss" in record else None
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)
-            ),
-            metrics=metrics,
-            force=True,
-        )
+        before = sorted(self.manager.all_steps())
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)
+                ),
+                metrics=metrics,
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:  # OSError, tensorstore's ValueError, ... on a full disk
+            raise CheckpointError(
+                f"could not write checkpoint {step} in {self.directory} "
+                f"({type(e).__name__}: {e}). Earlier checkpoints are untouched: "
+                f"steps {before}"
+            ) from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -75,11 +95,37 @@ class CheckpointStore:
         )
         return restored.state, dict(restored.meta)
 
+    def _restore_first_good(self, steps: list[int], template: Any) -> tuple[Any, dict]:
+        errors = []
+        for step in steps:
+            try:
+                state, meta = self.restore(step, template)
+            except Exception as e:  # a corrupted or truncated checkpoint
+                logging.warning(
+                    "Checkpoint %s/%d cannot be read (%s: %s); trying the previous one",
+                    self.directory,
+                    step,
+                    type(e).__name__,
+                    str(e)[:300],
+                )
+                errors.append(f"{step}: {type(e).__name__}")
+                continue
+            if errors:
+                logging.warning("Restored checkpoint %d instead of %s", step, errors[0])
+            return state, meta
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory} (tried {', '.join(errors) or 'none'})"
+        )
+
     def restore_latest(self, template: Any) -> tuple[Any, dict]:
-        return self.restore(self.latest_step(), template)
+        """The newest checkpoint that reads back whole (older ones on failure, warned)."""
+        return self._restore_first_good(sorted(self.manager.all_steps(), reverse=True), template)
 
     def restore_best(self, template: Any) -> tuple[Any, dict]:
-        return self.restore(self.best_step(), template)
+        """The best checkpoint by val_loss, or the next readable one (warned)."""
+        best = self.best_step()
+        rest = sorted((s for s in self.manager.all_steps() if s != best), reverse=True)
+        return self._restore_first_good(([best] if best is not None else []) + rest, template)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

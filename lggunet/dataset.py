@@ -97,6 +97,7 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
         split_mode=data_config.split_mode,
         split_seed=data_config.split_seed,
         split_fractions=tuple(data_config.split_fractions),
+        skip_invalid=bool(data_config.get("skip_invalid", False)),
     )
     builder = LggMriSegmentation(
         config=config, data_dir=str(data_dir(data_config)), file_format="array_record"
@@ -106,6 +107,14 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
             manual_dir=str(source_path if source_path.is_dir() else source_path.parent)
         )
     )
+    skipped = builder.info.metadata.get("skipped") or []
+    if skipped:
+        logging.warning(
+            "data.skip_invalid: %d file(s) were left out of %s:\n  %s",
+            len(skipped),
+            builder.data_path,
+            "\n  ".join(skipped),
+        )
     recorded = builder.info.metadata.get("fingerprint")
     if recorded != config.fingerprint:  # never serve a copy made from other data
         raise DataError(

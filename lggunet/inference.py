@@ -186,10 +186,11 @@ def restore_variables(
         template, _ = train.initial_state(config, parallel.data_mesh())
         try:
             state, meta = store.restore(step, template)
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # another model's checkpoint, or a damaged one
             raise ConfigError(
-                f"{checkpoints}/{step}: does not match the model of the config "
-                f"(features={config.model.features}, depth={config.model.depth}): {e}"
+                f"{checkpoints}/{step}: cannot be read as the config's model "
+                f"(features={config.model.features}, depth={config.model.depth}): "
+                f"{type(e).__name__}: {str(e)[:500]}"
             ) from e
     finally:
         store.close()

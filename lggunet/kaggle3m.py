@@ -74,6 +74,10 @@ class Source:
         """A human-readable name for a member, for error messages."""
         return f"{self.location}/{member}"
 
+    def patient_folders(self) -> list[str]:
+        """Names of the folders directly under `kaggle_3m/` (files or not)."""
+        raise NotImplementedError
+
     def fingerprint(self) -> str:
         """A digest of the location, file list, sizes and stamps: changes when the data does."""
         raise NotImplementedError
@@ -101,6 +105,9 @@ class FolderSource(Source):
             self._members = members
         return self._members
 
+    def patient_folders(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
     def read(self, member: str) -> bytes:
         try:
             return (self.root / member).read_bytes()
@@ -120,7 +127,17 @@ class ZipSource(Source):
         self.zip_path = zip_path
         self.prefix = prefix  # e.g. "kaggle_3m/" or "lgg-mri-segmentation/kaggle_3m/"
         self.location = f"{zip_path}!{prefix.rstrip('/')}"
-        self._zip = zipfile.ZipFile(zip_path)
+        try:
+            self._zip = zipfile.ZipFile(zip_path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{zip_path}: not a readable zip ({e})") from e
+        for info in self._zip.infolist():
+            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+            if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename:
+                raise DataError(
+                    f"{zip_path}!{info.filename}: member path escapes the archive (absolute or "
+                    "'..'); refusing this zip (it is read in place; nothing was written)"
+                )
         self._infos = {
             info.filename[len(prefix) :]: info
             for info in self._zip.infolist()
@@ -129,6 +146,15 @@ class ZipSource(Source):
 
     def members(self) -> dict[str, int]:
         return {name: info.file_size for name, info in self._infos.items()}
+
+    def patient_folders(self) -> list[str]:
+        folders = set()
+        for info in self._zip.infolist():
+            if info.filename.startswith(self.prefix):
+                rest = PurePosixPath(info.filename[len(self.prefix) :]).parts
+                if len(rest) > 1 or (len(rest) == 1 and info.is_dir()):
+                    folders.add(rest[0])
+        return sorted(folders)
 
     def read(self, member: str) -> bytes:
         try:
@@ -206,36 +232,56 @@ def open_source(manual_dir: str | os.PathLike) -> Source:
     )
 
 
-def list_slices(source: Source) -> list[Slice]:
-    """Pairs every image with its mask; raises DataError naming any file that breaks the layout."""
+def list_slices(source: Source, problems: list[str] | None = None) -> list[Slice]:
+    """Pairs every image with its mask; raises DataError naming any file that breaks the
+    layout, or, when a `problems` list is given, appends the message there and skips the file
+    (both files of a duplicated slice number)."""
+
+    def problem(message: str) -> None:
+        if problems is None:
+            raise DataError(message)
+        problems.append(message)
+
     images: dict[tuple[str, int], tuple[str, re.Match]] = {}
     masks: dict[tuple[str, int], str] = {}
+    duplicated: set[tuple[str, int]] = set()
+    tif_folders: set[str] = set()
     for member in sorted(source.members()):
-        name = PurePosixPath(member).name
-        if not name.lower().endswith((".tif", ".tiff")):
+        path = PurePosixPath(member)
+        if not path.name.lower().endswith((".tif", ".tiff")):
             continue  # data.csv, README files and the like
-        match = _SLICE_RE.match(name)
+        tif_folders.add(path.parts[0] if len(path.parts) > 1 else "")
+        match = _SLICE_RE.match(path.name)
         if match is None:
-            raise DataError(
+            problem(
                 f"{source.describe(member)}: file name does not follow "
                 "TCGA_<inst>_<id>_<date>_<n>.tif or ..._<n>_mask.tif (no slice number?)"
             )
+            continue
         key = (match["case"], int(match["index"]))
         table = masks if match["mask"] else images
         if key in table:
             other = table[key] if match["mask"] else table[key][0]
-            raise DataError(
+            problem(
                 f"{source.describe(member)}: duplicate slice number {key[1]} of {key[0]} "
                 f"(also {source.describe(other)})"
             )
+            duplicated.add(key)
+            continue
         table[key] = member if match["mask"] else (member, match)
+    for folder in source.patient_folders():
+        if folder not in tif_folders:
+            problem(f"{source.describe(folder)}: patient folder with no slices (*.tif) in it")
     for key, member in masks.items():
-        if key not in images:
-            raise DataError(f"{source.describe(member)}: mask without an image")
+        if key not in images and key not in duplicated:
+            problem(f"{source.describe(member)}: mask without an image")
     slices = []
     for key, (member, match) in sorted(images.items()):
+        if key in duplicated:
+            continue
         if key not in masks:
-            raise DataError(f"{source.describe(member)}: image without a mask")
+            problem(f"{source.describe(member)}: image without a mask")
+            continue
         slices.append(
             Slice(
                 patient_id=match["patient"],
@@ -251,24 +297,32 @@ def list_slices(source: Source) -> list[Slice]:
     return slices
 
 
-def _read_tiff(source: Source, member: str) -> np.ndarray:
-    data = source.read(member)
+MAX_PIXELS_BYTES = 64 * 2**20  # a slice is 192 KiB; refuse to decode what claims more
+
+
+def decode_tiff(data: bytes, where: str) -> np.ndarray:
+    """The one page of a TIFF file's bytes; DataError naming `where` if it is not exactly one
+    readable page of plausible size (a hostile header cannot make it allocate gigabytes)."""
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             if len(tif.pages) == 0:
-                raise DataError(f"{source.describe(member)}: unreadable TIFF (no image in it)")
+                raise DataError(f"{where}: unreadable TIFF (no image in it)")
             if len(tif.pages) != 1:
+                raise DataError(f"{where}: a stack of {len(tif.pages)} pages, expected one slice")
+            page = tif.pages[0]
+            if int(np.prod(page.shape, dtype=np.int64)) * page.dtype.itemsize > MAX_PIXELS_BYTES:
                 raise DataError(
-                    f"{source.describe(member)}: a stack of {len(tif.pages)} pages, "
-                    "expected one slice"
+                    f"{where}: claims a {page.shape} {page.dtype} image, far larger than a slice"
                 )
-            return tif.pages[0].asarray()
+            return page.asarray()
     except DataError:
         raise
     except Exception as e:  # tifffile raises many types on broken files
-        raise DataError(
-            f"{source.describe(member)}: unreadable TIFF ({type(e).__name__}: {e})"
-        ) from e
+        raise DataError(f"{where}: unreadable TIFF ({type(e).__name__}: {e})") from e
+
+
+def _read_tiff(source: Source, member: str) -> np.ndarray:
+    return decode_tiff(source.read(member), source.describe(member))
 
 
 def read_image(source: Source, member: str) -> np.ndarray:

@@ -101,17 +101,9 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
 
 def read_slice(data: bytes, where: str) -> np.ndarray:
     """One (H, W, 3) uint8 slice from TIFF bytes, or a DataError naming the file."""
-    try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            if len(tif.pages) == 0:
-                raise DataError(f"{where}: unreadable TIFF (no image in it)")
-            if len(tif.pages) != 1:
-                raise DataError(f"{where}: a stack of {len(tif.pages)} pages, expected one slice")
-            image = tif.pages[0].asarray()
-    except DataError:
-        raise
-    except Exception as e:  # tifffile raises many types on broken files
-        raise DataError(f"{where}: unreadable TIFF ({type(e).__name__}: {e})") from e
+    from lggunet.kaggle3m import decode_tiff
+
+    image = decode_tiff(data, where)
     channels = 1 if image.ndim == 2 else image.shape[-1]
     if image.ndim not in (2, 3) or channels != 3:
         raise DataError(

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from absl import logging
 
 from lggunet import kaggle3m, splits
 
@@ -33,6 +34,7 @@ class LggConfig(tfds.core.BuilderConfig):
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     fingerprint: str = ""
     source: str = ""  # the folder or zip to read; "" = the download manager's manual_dir
+    skip_invalid: bool = False  # leave out bad slices (each reported) instead of stopping
 
 
 def make_config(
@@ -41,17 +43,20 @@ def make_config(
     split_mode: str = "patient",
     split_seed: int = 0,
     split_fractions=(0.8, 0.1, 0.1),
+    skip_invalid: bool = False,
 ) -> LggConfig:
     fractions = tuple(float(f) for f in split_fractions)
     pct = "-".join(f"{round(f * 100):d}" for f in fractions)
     return LggConfig(
-        name=f"{split_mode}-seed{split_seed}-{pct}-{fingerprint[:16]}",
+        name=f"{split_mode}-seed{split_seed}-{pct}-{fingerprint[:16]}"
+        + ("-skipinvalid" if skip_invalid else ""),
         description=f"{split_mode}-level split {fractions}, seed {split_seed}",
         split_mode=split_mode,
         split_seed=split_seed,
         split_fractions=fractions,
         fingerprint=fingerprint,
         source=str(source),
+        skip_invalid=bool(skip_invalid),
     )
 
 
@@ -96,7 +101,11 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
                 f"{source.location}: its fingerprint {fingerprint[:16]} does not match the "
                 f"config's {config.fingerprint[:16]}; make the config with make_config()"
             )
-        slices = kaggle3m.list_slices(source)
+        self.info.metadata["skipped"] = []
+        problems = [] if config.skip_invalid else None
+        slices = kaggle3m.list_slices(source, problems)
+        for message in problems or []:
+            self._skip(message)
         if config.split_mode == "patient":
             by_patient = splits.split_by_patient(
                 [s.patient_id for s in slices], config.split_fractions, config.split_seed
@@ -122,14 +131,36 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
             name: self._generate_examples(source, part) for name, part in per_split.items() if part
         }
 
+    def _skip(self, message: str) -> None:
+        """data.skip_invalid: leave the slice out, and say so (also in the metadata)."""
+        logging.warning("Skipping: %s", message)
+        self.info.metadata["skipped"].append(message)
+
     def _generate_examples(self, source: kaggle3m.Source, slices: list[kaggle3m.Slice]):
         """Reads one patient at a time, so each slice can carry its volume's statistics."""
         by_case: dict[str, list[kaggle3m.Slice]] = {}
         for s in slices:
             by_case.setdefault(s.case, []).append(s)
+        skip = self.builder_config.skip_invalid
         for case_slices in by_case.values():
-            images = [kaggle3m.read_image(source, s.image) for s in case_slices]
-            masks = [kaggle3m.read_mask(source, s.mask) for s in case_slices]
+            images, masks, good = [], [], []
+            for s in case_slices:
+                try:
+                    image, mask = (
+                        kaggle3m.read_image(source, s.image),
+                        kaggle3m.read_mask(source, s.mask),
+                    )
+                except kaggle3m.DataError as e:
+                    if not skip:
+                        raise
+                    self._skip(str(e))
+                    continue
+                images.append(image)
+                masks.append(mask)
+                good.append(s)
+            if not good:
+                continue
+            case_slices = good
             mean, std = kaggle3m.volume_statistics(images)
             for s, image, mask in zip(case_slices, images, masks, strict=True):
                 example = {
