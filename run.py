@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging as pylogging
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lggunet import inference, parallel, predict_files, report, train
-from lggunet.errors import LggUnetError
+from lggunet.errors import ConfigError, LggUnetError
 from lggunet.interrupts import Interrupted
 
 FLAGS = flags.FLAGS
@@ -86,6 +87,11 @@ def main(argv: list[str]) -> None:
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():
             logging.set_verbosity(logging.WARNING)
+        if FLAGS.mode != "train" and jax.process_count() > 1:
+            raise ConfigError(
+                f"--mode={FLAGS.mode} runs in one process; start it without "
+                "the distributed settings"
+            )
         if FLAGS.mode == "train":
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         elif FLAGS.mode == "evaluate":
@@ -111,7 +117,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             file=sys.stderr,
         )
         sys.exit(1)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError) as e:  # an override naming no field of the config
         message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         print(f"error: bad --config override: {message}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,8 @@ previous one. In multi-process runs every process calls `save`
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,9 @@ class CheckpointStore:
                 f"steps {before}"
             ) from e
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -111,11 +116,29 @@ class CheckpointStore:
                 errors.append(f"{step}: {type(e).__name__}")
                 continue
             if errors:
+                self._quarantine(
+                    [int(e.split(":")[0]) for e in errors if int(e.split(":")[0]) > step]
+                )
                 logging.warning("Restored checkpoint %d instead of %s", step, errors[0])
             return state, meta
         raise CheckpointError(
             f"no readable checkpoint in {self.directory} (tried {', '.join(errors) or 'none'})"
         )
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints newer than the restored one out of the way (to
+        `<dir>_unreadable/<step>`), so training can save those step numbers again."""
+        if not steps or jax.process_index() != 0:
+            return
+        target = self.directory.parent / f"{self.directory.name}_unreadable"
+        target.mkdir(exist_ok=True)
+        for step in steps:
+            source = self.directory / str(step)
+            if source.exists():
+                destination = target / f"{step}-{int(time.time())}"
+                shutil.move(str(source), str(destination))
+                logging.warning("Moved unreadable checkpoint %s to %s", source, destination)
+        self.manager.reload()
 
     def restore_latest(self, template: Any) -> tuple[Any, dict]:
         """The newest checkpoint that reads back whole (older ones on failure, warned)."""

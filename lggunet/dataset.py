@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
@@ -80,11 +81,21 @@ def prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
     In a multi-process run process 0 prepares first while the others wait, then they open
     what it wrote (a shared data_dir) or prepare their own copy (a host-local one).
     """
-    if not parallel.is_main_process():
-        parallel.barrier("lggunet-prepare")
-    builder = _prepare(data_config)
+    if jax.process_count() == 1:
+        return _prepare(data_config)
+    failure: Exception | None = None
     if parallel.is_main_process():
-        parallel.barrier("lggunet-prepare")
+        try:
+            builder = _prepare(data_config)
+        except Exception as e:  # tell the others before raising, or they would wait forever
+            failure = e
+    parallel.barrier("lggunet-prepare")
+    if parallel.any_process(failure is not None):
+        if failure is not None:
+            raise failure
+        raise DataError("process 0 could not prepare the data set (its log says why)")
+    if not parallel.is_main_process():
+        builder = _prepare(data_config)
     return builder
 
 

@@ -35,7 +35,8 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 def hd95(true: np.ndarray, pred: np.ndarray) -> float:
     """95th-percentile Hausdorff distance in pixels between the masks' surfaces: the larger
-    of the two directed 95th percentiles (as medpy's hd95). NaN if either mask is empty."""
+    of the two directed 95th percentiles (MONAI's `compute_hausdorff_distance(percentile=95)`;
+    medpy's `hd95` pools both directions and can come out lower). NaN if either is empty."""
     t, p = np.asarray(true, bool), np.asarray(pred, bool)
     if not t.any() or not p.any():
         return float("nan")

@@ -180,18 +180,21 @@ def restore_variables(
 
     store = CheckpointStore(checkpoints)
     try:
-        step = store.best_step() if which == "best" else store.latest_step()
-        if step is None:
+        if store.latest_step() is None:
             raise ConfigError(f"{checkpoints}: no complete checkpoint to load")
         template, _ = train.initial_state(config, parallel.data_mesh())
         try:
-            state, meta = store.restore(step, template)
-        except Exception as e:  # another model's checkpoint, or a damaged one
+            if which == "best":
+                state, meta = store.restore_best(template)
+            else:
+                state, meta = store.restore_latest(template)
+        except Exception as e:  # another model's checkpoints, or only damaged ones
             raise ConfigError(
-                f"{checkpoints}/{step}: cannot be read as the config's model "
+                f"{checkpoints}: no checkpoint can be read as the config's model "
                 f"(features={config.model.features}, depth={config.model.depth}): "
                 f"{type(e).__name__}: {str(e)[:500]}"
             ) from e
+        step = int(meta.get("step", state.step))
     finally:
         store.close()
     variables = {"params": state.params}

@@ -157,10 +157,15 @@ class ZipSource(Source):
         return sorted(folders)
 
     def read(self, member: str) -> bytes:
+        info = self._infos.get(member)
+        if info is not None and info.file_size > MAX_PIXELS_BYTES:
+            raise DataError(
+                f"{self.describe(member)}: {info.file_size} bytes unpacked, not a slice"
+            )
         try:
             return self._zip.read(self._infos[member])
-        except (zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
-            raise DataError(f"{self.describe(member)}: cannot read zip member: {e}") from e
+        except Exception as e:  # BadZipFile, zlib.error, encrypted members, ...
+            raise DataError(f"{self.describe(member)}: cannot read zip member: {e!r}") from e
 
     def fingerprint(self) -> str:
         infos = self._infos

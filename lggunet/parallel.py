@@ -118,6 +118,14 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(flags))
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (a collective call)."""
+    if jax.process_count() == 1:
+        return value
+    values = multihost_utils.process_allgather(np.asarray([value], np.int32))
+    return int(np.max(values))
+
+
 def barrier(name: str) -> None:
     """Waits until every process gets here (no-op with one process)."""
     if jax.process_count() > 1:

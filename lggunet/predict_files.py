@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import os
 import re
 import zipfile
@@ -27,7 +26,7 @@ from absl import logging
 from PIL import Image
 from scipy import ndimage
 
-from lggunet import inference
+from lggunet import inference, kaggle3m
 from lggunet.errors import DataError
 
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
@@ -40,7 +39,7 @@ class InputFile:
     rel: PurePosixPath  # relative path of the image, used for the outputs
     read: object  # () -> bytes
     where: str  # for messages
-    mask_rel: PurePosixPath | None = None  # the ground truth beside it, if any
+    mask_key: tuple[str, str] | None = None  # its ground truth's key in the masks, if any
 
 
 @dataclasses.dataclass
@@ -58,6 +57,27 @@ def _safe_rel(name: str) -> PurePosixPath | None:
     return path
 
 
+MAX_FILE_BYTES = 64 * 2**20  # a slice TIFF is ~200 KB; larger members are not read
+
+
+def _wanted(name: str) -> bool:
+    """A .tif that is not macOS metadata (`__MACOSX/`, `._name.tif`)."""
+    parts = PurePosixPath(name).parts
+    return (
+        bool(_TIF.search(name))
+        and "__MACOSX" not in parts
+        and not PurePosixPath(name).name.startswith("._")
+    )
+
+
+def _image_key(rel: PurePosixPath) -> tuple[str, str]:
+    return (rel.parent.as_posix().lower(), _TIF.sub("", rel.name).lower())
+
+
+def _mask_key(rel: PurePosixPath) -> tuple[str, str]:
+    return (rel.parent.as_posix().lower(), _MASK.sub("", rel.name).lower())
+
+
 def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list[str]]:
     """(images to predict, {rel: reader} of ground-truth masks, problems found while listing).
     Paths are relative to the input folder (to the file's folder for one file)."""
@@ -69,29 +89,35 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
     if path.is_file() and zipfile.is_zipfile(path):
         archive = zipfile.ZipFile(path)
         for info in archive.infolist():
-            if info.is_dir() or not _TIF.search(info.filename):
+            if info.is_dir() or not _wanted(info.filename):
                 continue
             rel = _safe_rel(info.filename)
+            where = f"{path}!{info.filename}"
             if rel is None:
-                problems.append(f"{path}!{info.filename}: path leaves the output folder; skipped")
-                continue
-            files[rel] = (lambda info=info: archive.read(info), f"{path}!{info.filename}")
+                problems.append(f"{where}: path leaves the output folder; skipped")
+            elif info.file_size > MAX_FILE_BYTES:
+                problems.append(f"{where}: {info.file_size} bytes unpacked, not a slice; skipped")
+            else:
+                files[rel] = (lambda info=info: archive.read(info), where)
     elif path.is_file():
         if not _TIF.search(path.name):
             raise DataError(f"{path}: not a .tif image, a folder or a zip")
         files[PurePosixPath(path.name)] = (path.read_bytes, str(path))
+        for sibling in path.parent.iterdir():  # its ground truth, for the overlay
+            if _mask_key(PurePosixPath(sibling.name)) == _image_key(PurePosixPath(path.name)):
+                files[PurePosixPath(sibling.name)] = (sibling.read_bytes, str(sibling))
     else:
         for file in sorted(path.rglob("*")):
-            if file.is_file() and _TIF.search(file.name):
-                rel = PurePosixPath(file.relative_to(path).as_posix())
+            rel = PurePosixPath(file.relative_to(path).as_posix())
+            if file.is_file() and _wanted(rel.as_posix()):
                 files[rel] = (file.read_bytes, str(file))
-    masks = {rel: reader for rel, (reader, _) in files.items() if _MASK.search(rel.name)}
+    masks = {_mask_key(rel): reader for rel, (reader, _) in files.items() if _MASK.search(rel.name)}
     images = []
     for rel, (reader, where) in sorted(files.items()):
         if _MASK.search(rel.name):
             continue
-        mask_rel = rel.with_name(rel.stem + "_mask" + rel.suffix)
-        images.append(InputFile(rel, reader, where, mask_rel if mask_rel in masks else None))
+        key = _image_key(rel)
+        images.append(InputFile(rel, reader, where, key if key in masks else None))
     if not images:
         raise DataError(
             f"{path}: no .tif images to predict on (files named *_mask.tif are skipped)"
@@ -165,19 +191,20 @@ def predict_path(
     result = PredictResult(failures=list(problems))
     for message in problems:
         logging.error("%s", message)
-    groups: dict[PurePosixPath, list[InputFile]] = {}
-    for item in images:
-        groups.setdefault(item.rel.parent, []).append(item)
+    groups: dict[tuple[PurePosixPath, str], list[InputFile]] = {}
+    for item in images:  # a volume: one folder, and one case when the names say so
+        match = kaggle3m._SLICE_RE.match(item.rel.name)
+        groups.setdefault((item.rel.parent, match["case"] if match else ""), []).append(item)
     total = len(images)
     done = 0
-    for folder, items in sorted(groups.items()):
+    for (folder, case), items in sorted(groups.items()):
         items.sort(key=lambda it: _slice_number(it.rel))
         loaded = []
         for item in items:
             try:
                 loaded.append((item, read_slice(item.read(), item.where)))
-            except (DataError, OSError) as e:
-                message = str(e) if isinstance(e, DataError) else f"{item.where}: {e}"
+            except Exception as e:  # a bad file, a bad zip member: name it, go on
+                message = str(e) if isinstance(e, DataError) else f"{item.where}: {e!r}"
                 result.failures.append(message)
                 logging.error("%s", message)
         if not loaded:
@@ -185,8 +212,6 @@ def predict_path(
         arrays = [a for _, a in loaded]
         mean, std = None, None
         if model.normalize == "zscore_volume":
-            from lggunet import kaggle3m
-
             mean, std = kaggle3m.volume_statistics(arrays)
         preds: list = [None] * len(arrays)
         by_shape: dict[tuple, list[int]] = {}
@@ -206,27 +231,35 @@ def predict_path(
             stem = item.rel.stem
             out_dir = output / Path(*item.rel.parent.parts)
             mask_path = out_dir / f"{stem}_pred_mask.tif"
-            _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
-            truth = None
-            if item.mask_rel is not None:
-                try:
-                    truth = np.asarray(read_mask_bytes(masks[item.mask_rel]()))
-                    if truth.shape != pred.shape:
-                        truth = None
-                except (DataError, OSError, ValueError):
-                    truth = None
             png = out_dir / f"{stem}_overlay.png"
-            _write_atomic(
-                png,
-                lambda p, i=image, m=pred, t=truth: Image.fromarray(overlay(i, m, t)).save(
-                    p, format="PNG"
-                ),
-            )
+            truth = None
+            if item.mask_key is not None:
+                try:
+                    truth = read_mask_bytes(masks[item.mask_key](), item.where)
+                except Exception:  # a broken ground truth only loses the green outline
+                    truth = None
+                if truth is not None and truth.shape != pred.shape:
+                    truth = None
+            try:
+                _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
+                _write_atomic(
+                    png,
+                    lambda p, i=image, m=pred, t=truth: Image.fromarray(overlay(i, m, t)).save(
+                        p, format="PNG"
+                    ),
+                )
+            except OSError as e:
+                message = f"{mask_path}: cannot write ({e})"
+                result.failures.append(message)
+                logging.error("%s", message)
+                continue
             result.written += [mask_path, png]
             tumour_slices += int(pred.any())
             area += int(pred.sum())
         done += len(items)
-        patient = folder.name if folder.parts else _root_name(Path(input_path).expanduser())
+        patient = case or (
+            folder.name if folder.parts else _root_name(Path(input_path).expanduser())
+        )
         result.volumes.append(
             {
                 "patient": patient,
@@ -257,8 +290,11 @@ def predict_path(
     return result
 
 
-def read_mask_bytes(data: bytes) -> np.ndarray:
-    mask = tifffile.imread(io.BytesIO(data))
+def read_mask_bytes(data: bytes, where: str) -> np.ndarray:
+    """A ground-truth mask (H, W) in {0, 1}, through the same guarded reader."""
+    from lggunet.kaggle3m import decode_tiff
+
+    mask = decode_tiff(data, where)
     if mask.ndim == 3:
         mask = mask[..., 0]
     return (mask > 0).astype(np.uint8)

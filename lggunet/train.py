@@ -321,6 +321,15 @@ def _drop_epochs_after(path: Path, epoch: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _restore_record(path: Path, meta: dict) -> None:
+    """Appends the checkpoint's epoch record to metrics.jsonl if it is missing there."""
+    known = set()
+    if path.exists():
+        known = {json.loads(x)["epoch"] for x in path.read_text().splitlines() if x.strip()}
+    if "val_loss" in meta and meta["epoch"] not in known:
+        _log_jsonl(path, {k: v for k, v in meta.items() if k not in ("early_stopping",)})
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return (
@@ -484,24 +493,43 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
     metrics_path = workdir_path / "metrics.jsonl"
     if main:
         _drop_epochs_after(metrics_path, start_epoch - 1)
+        if partial is None and store.latest_step() is not None:
+            _restore_record(metrics_path, meta)  # a kill between checkpoint and log
     writer = summaries.SummaryWriter(workdir_path / "tensorboard")
 
     log("Step options: %s", StepOptions.from_config(config))
     steps = compile_steps(config, mesh)
     p_train, p_eval, p_predict, p_plateau = steps.train, steps.eval, steps.predict, steps.plateau
     steps_per_epoch = len(feed.train_plan(1))
+    plan_signature = {"batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch}
+    if partial is not None and partial.get("plan", plan_signature) != plan_signature:
+        raise config_checks.ConfigError(
+            f"the checkpoint was saved mid-epoch with {partial['plan']}, but this config gives "
+            f"{plan_signature}: resume with the same batch_size and data settings"
+        )
     total_steps = steps_per_epoch * config.num_epochs
     first_step = int(state.step)
 
-    def save_interrupted(epoch: int, position: int, train_mean: _Mean, stop: StopRequest):
+    def save_interrupted(epoch: int, position: int, train_mean: _Mean, signum: int):
         step = int(state.step)
-        if store.latest_step() != step:  # else the last checkpoint already holds this state
+        finite = jax.tree.reduce(
+            lambda a, b: a and b,
+            jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), state.params),
+            True,
+        )
+        if not finite:
+            raise TrainingDiverged(
+                f"parameters are not finite at step {step}; not saving them. The last good "
+                f"checkpoint (step {store.latest_step()}) is in {store.directory}."
+            )
+        if step not in store.steps():  # else a checkpoint already holds this state
             meta = {
                 "epoch": epoch,
                 "position": position,
                 "step": step,
                 "train_mean": train_mean.to_json(),
                 "early_stopping": early.to_json(),
+                "plan": plan_signature,
             }
             store.save(step, state, meta)
         store.wait()
@@ -509,7 +537,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
         writer.close()
         where = f"epoch {epoch}, after {position} of {steps_per_epoch} batches (step {step})"
         log("Stopped on a signal in %s; checkpoint saved. Rerun to continue.", where)
-        raise Interrupted(stop.signum, f"stopped on a signal in {where}; rerun to continue")
+        raise Interrupted(signum, f"stopped on a signal in {where}; rerun to continue")
 
     t_start = time.perf_counter()
     with StopRequest() as stop:
@@ -521,8 +549,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
             t_epoch = time.perf_counter()
             images_seen = 0
             for batch in feed.batches("train", feed.train_plan(epoch), start=position):
-                if parallel.any_process(stop.requested):
-                    save_interrupted(epoch, position, train_mean, stop)
+                signum = parallel.max_over_processes(stop.signum or 0)
+                if signum:
+                    save_interrupted(epoch, position, train_mean, signum)
                 step = int(state.step)
                 state, out = p_train(state, input_pipeline.device_batch(batch), step_rng)
                 # Waiting for each step's metrics checks the loss at every step, and avoids a
@@ -606,8 +635,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
                     early.patience,
                 )
                 break
-            if epoch < config.num_epochs and parallel.any_process(stop.requested):
-                save_interrupted(epoch + 1, 0, _Mean(), stop)
+            signum = parallel.max_over_processes(stop.signum or 0)
+            if signum and epoch < config.num_epochs:
+                save_interrupted(epoch + 1, 0, _Mean(), signum)
     store.wait()
 
     best_state, best_meta = store.restore_best(state)

@@ -86,10 +86,14 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
             f.write_bytes(b"\x00garbage" * 3)
     store = checkpointing.CheckpointStore(directory)
     restored, meta = store.restore_latest(checkpoint_worker.state(0, 0.1))
-    store.close()
     assert meta["epoch"] == 1
     np.testing.assert_array_equal(restored["w"], checkpoint_worker.state(1, 0.1)["w"])
     assert "Checkpoint" in caplog.text and "cannot be read" in caplog.text
+    # The unreadable one is moved aside, so training can save step 2 again.
+    assert [p.name.split("-")[0] for p in (tmp_path / "ckpt_unreadable").iterdir()] == ["2"]
+    store.save(2, checkpoint_worker.state(2, 0.1), {"epoch": 2, "val_loss": -0.5})
+    assert store.steps() == [1, 2]
+    store.close()
 
 
 def run_cli(*args):

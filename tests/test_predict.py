@@ -187,3 +187,22 @@ def test_evaluate_mode_writes_the_report(trained, tmp_path):
         with Image.open(workdir / png) as image:
             image.verify()
     assert "| test | plain |" in (workdir / "report.md").read_text()
+
+
+def test_flat_folder_of_two_patients_and_macos_litter(trained, tmp_path):
+    rng = np.random.default_rng(4)
+    flat = tmp_path / "in"
+    (flat / "__MACOSX").mkdir(parents=True)
+    for case in ("TCGA_XX_0005_20000101", "TCGA_XX_0006_20000101"):
+        for i in (1, 2):
+            image = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+            tifffile.imwrite(flat / f"{case}_{i}.tif", image, photometric="rgb")
+    (flat / "._TCGA_XX_0005_20000101_1.tif").write_bytes(b"\x00\x05\x16\x07 apple double")
+    (flat / "__MACOSX" / "TCGA_XX_0005_20000101_1.tif").write_bytes(b"junk")
+    result = predict_cli(trained, flat, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(tmp_path / "out" / "volumes.csv")
+    assert [(r["patient"], r["slices"]) for r in rows] == [
+        ("TCGA_XX_0005_20000101", "2"),
+        ("TCGA_XX_0006_20000101", "2"),
+    ]
