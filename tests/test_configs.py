@@ -1,0 +1,37 @@
+"""Every shipped config passes the checks, and the CPU recipe has the size it says."""
+
+import jax
+import pytest
+
+from configs import cpu, demo, unet
+from lggunet import config_checks, train
+
+
+@pytest.mark.parametrize("module", [unet, demo, cpu])
+def test_shipped_configs_pass_the_checks(module):
+    config_checks.check(module.get_config())
+
+
+def unet_parameters(base: int, depth: int) -> int:
+    """By hand: two 3x3 conv + BatchNorm (scale, bias) per block, 2x2 transposed convs up,
+    a 1x1 head."""
+
+    def block(cin, c):
+        return (9 * cin * c + c) + 2 * c + (9 * c * c + c) + 2 * c
+
+    widths = [base * 2**i for i in range(depth + 1)]
+    total, cin = 0, 3
+    for w in widths:  # down path and bottleneck
+        total += block(cin, w)
+        cin = w
+    for w in reversed(widths[:-1]):  # up path: transposed conv, concat, block
+        total += 4 * cin * w + w + block(2 * w, w)
+        cin = w
+    return total + (cin + 1)
+
+
+def test_cpu_recipe_size():
+    config = cpu.get_config()
+    params = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0))).params
+    expected = unet_parameters(config.model.features, config.model.depth)
+    assert sum(x.size for x in jax.tree.leaves(params)) == expected == 1_944_049
