@@ -153,10 +153,15 @@ def main() -> None:
                 continue
             ips = statistics.median(r["images_per_s"] for r in ok)
             ratio = f"{ips / best_peer:.2f}" if best_peer and name.startswith("lggunet") else ""
+            label = (
+                ok[0]["framework"]
+                if name.startswith("lggunet")
+                else f"{name} ({ok[0]['framework']})"
+            )
             rows.append(
                 (
                     base,
-                    ok[0]["framework"],
+                    label,
                     f"{ips:.2f}",
                     f"{statistics.median(r['first_step_s'] for r in ok):.1f}",
                     ratio,

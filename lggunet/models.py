@@ -29,6 +29,31 @@ class ConvBlock(nn.Module):
         return x
 
 
+class Upsample2x(nn.Module):
+    """A 2x2, stride-2 transposed convolution (`nn.ConvTranspose(features, (2, 2), (2, 2))`,
+    same parameters and result), computed as one matrix product plus a depth-to-space
+    rearrangement: the strides do not overlap, so each input pixel fills its own 2x2 patch.
+    XLA on CPU runs the lhs-dilated convolution that ConvTranspose lowers to about 8x slower
+    (bench/conv_layers.py)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (2, 2, cin, self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        b, h, w, _ = x.shape
+        # flax's ConvTranspose applies the kernel spatially flipped: patch cell (p, q) takes
+        # kernel[1 - p, 1 - q].
+        y = jnp.einsum("bhwc,pqco->bhpwqo", x, kernel[::-1, ::-1])
+        return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
 class UNet(nn.Module):
     """U-Net returning per-pixel logits (B, H, W, 1) in float32; apply a sigmoid for p(tumour).
 
@@ -58,7 +83,8 @@ class UNet(nn.Module):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for level in reversed(range(self.depth)):
             width = self.features * 2**level
-            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            up = Upsample2x(width, self.dtype, name=f"ConvTranspose_{self.depth - 1 - level}")
+            x = up(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
             x = ConvBlock(width, self.batch_norm, self.dtype)(x, train)
         logits = nn.Conv(1, (1, 1), dtype=self.dtype)(x)

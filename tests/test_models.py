@@ -86,3 +86,28 @@ def test_bfloat16_compute_keeps_float32_params():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
     assert model.apply(variables, jnp.zeros((1, 32, 32, 3))).dtype == jnp.float32
+
+
+def test_upsample_equals_flax_conv_transpose():
+    """The U-Net's fast 2x2 stride-2 up-sampling gives flax's ConvTranspose's result with the
+    same parameters (so checkpoints keep their meaning), forward and gradients."""
+    import flax.linen as nn
+
+    from lggunet.models import Upsample2x
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
+    reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+    variables = reference.init(jax.random.key(0), x)
+    variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (4,))
+    ours = Upsample2x(4)
+    np.testing.assert_allclose(
+        ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    g_ref = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
