@@ -101,7 +101,7 @@ class CheckpointStore:
         return restored.state, dict(restored.meta)
 
     def _restore_first_good(self, steps: list[int], template: Any) -> tuple[Any, dict]:
-        errors = []
+        failed: list[tuple[int, str]] = []  # (step, error type)
         for step in steps:
             try:
                 state, meta = self.restore(step, template)
@@ -113,17 +113,14 @@ class CheckpointStore:
                     type(e).__name__,
                     str(e)[:300],
                 )
-                errors.append(f"{step}: {type(e).__name__}")
+                failed.append((step, type(e).__name__))
                 continue
-            if errors:
-                self._quarantine(
-                    [int(e.split(":")[0]) for e in errors if int(e.split(":")[0]) > step]
-                )
-                logging.warning("Restored checkpoint %d instead of %s", step, errors[0])
+            if failed:
+                self._quarantine([bad for bad, _ in failed if bad > step])
+                logging.warning("Restored checkpoint %d instead of %d", step, failed[0][0])
             return state, meta
-        raise CheckpointError(
-            f"no readable checkpoint in {self.directory} (tried {', '.join(errors) or 'none'})"
-        )
+        tried = ", ".join(f"{bad}: {kind}" for bad, kind in failed) or "none"
+        raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {tried})")
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints newer than the restored one out of the way (to

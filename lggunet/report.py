@@ -24,6 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
+# Which stored prediction each variant starts from (the lcc ones then keep the largest component).
+_BASE_VARIANT = {"plain": "plain", "tta": "tta", "lcc": "plain", "tta+lcc": "tta"}
 
 
 def _notebook_metrics(masks: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -98,7 +100,7 @@ def _score(split: _Split, config: ml_collections.ConfigDict) -> tuple[dict, list
         slice_true_area[idx] = truth.sum(axis=(1, 2))
         row = {"patient": pid, "slices": len(idx), "true_area": int(truth.sum())}
         for v in variants:
-            pred = unpack(split.pred[v.replace("+lcc", "").replace("lcc", "plain")][idx])
+            pred = unpack(split.pred[_BASE_VARIANT[v]][idx])
             if v.endswith("lcc"):
                 pred = inference.largest_component(pred).astype(bool)
             slice_pred_area[v][idx] = pred.sum(axis=(1, 2))

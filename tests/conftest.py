@@ -90,14 +90,9 @@ def synthetic_kaggle_3m(tmp_path) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path):
     """configs/demo.py shrunk to seconds: 32x32 inputs, width 4, depth 2, one epoch."""
-    from configs import demo
+    from tests.helpers.tiny import tiny_config as shrunk
 
-    config = demo.get_config()
-    config.data.data_dir = str(tmp_path / "tfds")
-    config.data.image_size = 32
-    config.data.num_threads = 2
-    config.model.features = 4
-    config.model.depth = 2
+    config = shrunk(tmp_path / "tfds")
     config.batch_size = 32
     config.eval_batch_size = 64
     config.num_epochs = 1

@@ -17,8 +17,8 @@ import tifffile
 from PIL import Image
 
 import lggunet
-from configs import demo
 from lggunet import inference, train
+from tests.helpers.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory) -> Path:
     """A tiny U-Net trained for one epoch on the phantom: its workdir."""
     root = tmp_path_factory.mktemp("trained")
-    config = demo.get_config()
-    config.data.data_dir = str(root / "tfds")
-    config.data.image_size = 32
+    config = tiny_config(root / "tfds")
     config.data.phantom_patients = 6
     config.data.phantom_slices = 10
-    config.model.features = 4
-    config.model.depth = 2
     config.num_epochs = 1
-    config.summary_images = 2
     train.train_and_evaluate(config, str(root / "run"))
     return root / "run"
 

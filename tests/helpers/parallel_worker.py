@@ -18,20 +18,15 @@ import numpy as np
 
 
 def tiny_config():
-    from configs import demo
+    from tests.helpers.tiny import tiny_config as shrunk
 
-    config = demo.get_config()
-    config.data.image_size = 32
-    config.data.num_threads = 2
+    config = shrunk()
     config.data.phantom_patients = 6
     config.data.phantom_slices = 10
-    config.model.features = 4
-    config.model.depth = 2
     config.batch_size = 8
     config.eval_batch_size = 8
     config.learning_rate = 1e-3
     config.log_every_steps = 10
-    config.summary_images = 2
     return config
 
 
