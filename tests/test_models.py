@@ -111,3 +111,32 @@ def test_upsample_equals_flax_conv_transpose():
     g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
     for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_matches_numpy_windows_and_flax():
+    """max_pool_2x2 equals a NumPy loop over 2x2 windows and flax's nn.max_pool; without ties
+    its gradient is flax's (1 at each window's maximum); a tie shares it equally."""
+    import flax.linen as nn
+
+    from lggunet.models import max_pool_2x2
+
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 6, 4, 3)))
+    expected = np.empty((2, 3, 2, 3), np.float32)
+    for i in range(3):
+        for j in range(2):
+            expected[:, i, j] = x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].max(axis=(1, 2))
+    np.testing.assert_array_equal(max_pool_2x2(jnp.asarray(x)), expected)
+    np.testing.assert_array_equal(nn.max_pool(x, (2, 2), strides=(2, 2)), expected)
+
+    weights = jax.random.normal(jax.random.key(1), expected.shape)
+
+    def loss(pool):
+        return lambda x: jnp.sum(pool(x) * weights)
+
+    flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(
+        jax.grad(loss(max_pool_2x2))(jnp.asarray(x)), jax.grad(loss(flax_pool))(jnp.asarray(x))
+    )
+    tie = jnp.array([[3.0, 3.0], [1.0, 3.0]]).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: max_pool_2x2(x).sum())(tie)
+    np.testing.assert_allclose(grad.reshape(2, 2), [[1 / 3, 1 / 3], [0.0, 1 / 3]])
