@@ -1,0 +1,48 @@
+"""The GPU benchmark (bench/gpu.py) runs, and the FLOP count its MFU rests on agrees with
+one counted by hand: it has never run on a GPU here, so this keeps it from rotting."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unet_forward_flops(size: int, base: int, depth: int, batch: int) -> int:
+    """Multiply-adds x 2 of every convolution, counted by hand (BatchNorm, ReLU, pooling and
+    biases, a few percent, left out)."""
+
+    def conv(h, cin, cout, k):
+        return 2 * h * h * cin * cout * k * k
+
+    flops, cin, h = 0, 3, size
+    for level in range(depth + 1):
+        width = base * 2**level
+        flops += conv(h, cin, width, 3) + conv(h, width, width, 3)
+        cin, h = width, h // 2 if level < depth else h
+    for level in reversed(range(depth)):
+        width = base * 2**level
+        flops += 2 * h * h * cin * width * 4  # 2x2 stride-2 up-sampling, from the coarse grid
+        h *= 2
+        flops += conv(h, 2 * width, width, 3) + conv(h, width, width, 3)
+        cin = width
+    return batch * (flops + conv(h, base, 1, 1))
+
+
+def test_gpu_bench_smoke_counts_train_step_flops():
+    out = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--smoke", "--dtypes=float32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = re.search(r"^\| float32 \| 4 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out.stdout, re.M)
+    assert row, out.stdout
+    step_ms, images_per_s, gflop = map(float, row.groups())
+    assert abs(images_per_s - 4 / (step_ms / 1000)) < 0.01 * images_per_s + 0.1
+    # A train step is a forward pass and two backward products per convolution: ~3x forward.
+    forward = unet_forward_flops(size=64, base=8, depth=4, batch=4) / 1e9
+    assert 2.7 * forward < gflop < 3.6 * forward, (gflop, forward)
