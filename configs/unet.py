@@ -93,4 +93,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.depth = 4  # number of down-sampling steps
     config.model.batch_norm = True
     config.model.dropout = 0.0  # dropout rate on the bottleneck
+    config.model.bn_momentum = 0.99  # BatchNorm running statistics (Keras default)
     return config

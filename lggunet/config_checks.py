@@ -64,3 +64,5 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("data.device_cache works in single-process runs only")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")
+    if not 0 <= config.model.get("bn_momentum", 0.99) < 1:
+        raise ConfigError(f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")

@@ -52,6 +52,8 @@ def create_model(config: ml_collections.ConfigDict) -> models.UNet:
         depth=config.model.depth,
         batch_norm=config.model.batch_norm,
         dropout=config.model.dropout,
+        # Runs saved before this field existed used Keras's 0.99.
+        bn_momentum=config.model.get("bn_momentum", 0.99),
         dtype=jnp.dtype(config.dtype),
     )
 

@@ -140,3 +140,24 @@ def test_max_pool_matches_numpy_windows_and_flax():
     tie = jnp.array([[3.0, 3.0], [1.0, 3.0]]).reshape(1, 2, 2, 1)
     grad = jax.grad(lambda x: max_pool_2x2(x).sum())(tie)
     np.testing.assert_allclose(grad.reshape(2, 2), [[1 / 3, 1 / 3], [0.0, 1 / 3]])
+
+
+@pytest.mark.parametrize("momentum", [0.99, 0.9])
+def test_batchnorm_running_mean_follows_momentum(momentum):
+    """After one training-mode call from fresh statistics (mean 0), the first BatchNorm's
+    running mean is (1 - momentum) x the batch mean of the first convolution's output,
+    computed here with NumPy from that convolution's own parameters."""
+    model = models.UNet(features=4, depth=2, bn_momentum=momentum)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    conv = variables["params"]["ConvBlock_0"]["Conv_0"]
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kernel = np.asarray(conv["kernel"])
+    out = sum(
+        np.einsum("bhwc,co->bhwo", xp[:, i : i + 8, j : j + 8], kernel[i, j])
+        for i in range(3)
+        for j in range(3)
+    ) + np.asarray(conv["bias"])
+    running = updated["batch_stats"]["ConvBlock_0"]["BatchNorm_0"]["mean"]
+    np.testing.assert_allclose(running, (1 - momentum) * out.mean(axis=(0, 1, 2)), atol=1e-5)
