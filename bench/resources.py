@@ -111,7 +111,7 @@ def main() -> None:
         )  # fmt: skip
     for tta in (False, True):
         rate = in_process_rate(workdir, tta, args.batch, repeats=3)
-        what = f"lggunet.predict, batch {args.batch}" + (", TTA (8 views)" if tta else "")
+        what = f"lggunet.predict, batch {args.batch}" + (", TTA (+ flipped view)" if tta else "")
         rows.append(("in-process", what, None, f"{rate:.1f}", None))
 
     lines = [
