@@ -34,6 +34,11 @@ XLA_VARIANTS = {
     "xnn": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "onednn": "--xla_cpu_experimental_onednn_custom_call=true",
     "no-eigen-mt": "--xla_cpu_multi_thread_eigen=false",
+    # YNNPACK (which already runs most convolutions) also for elementwise ops and reductions.
+    "ynn-eltwise": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",
+    "onednn-fusions": "--xla_cpu_use_onednn=true "
+    "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
+    "fast-math": "--xla_cpu_enable_fast_math=true",
 }
 
 
