@@ -47,7 +47,7 @@ def main() -> None:
         minutes = sum(e.get("epoch_seconds", 0.0) for e in r["epochs"]) / 60
         with (workdir / "report_patients.csv").open() as f:
             rows = [row for row in csv.DictReader(f) if row["split"] == "test"]
-        per_patient = ", ".join(f"{float(row['dice']):.3f}" for row in rows)
+        per_patient = ", ".join(f"{row['patient'][5:]} {float(row['dice']):.3f}" for row in rows)
         print(
             f"| {name} | {len(r['epochs'])} ({final['best_epoch']}) | {minutes:.0f} | "
             f"{fmt(val)} | {fmt(nb['dice'])} / {fmt(nb['iou'])} / {100 * nb['accuracy']:.2f}% | "
