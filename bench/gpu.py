@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 3143  # the notebook's training split of the 3,929 slices
 
@@ -56,7 +58,6 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 def measure(config, steps: int) -> dict:
     """Compiles and times the train step for `config` on a synthetic, device-resident batch."""
     import jax
-    import numpy as np
 
     from lggunet import parallel, train
 
@@ -64,15 +65,7 @@ def measure(config, steps: int) -> dict:
     state, rng = train.initial_state(config, mesh)
     step = train.compile_steps(config, mesh).train
     size, batch = config.data.image_size, config.batch_size
-    data = np.random.default_rng(0)
-    host = {
-        "image": data.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-        "mask": (data.random((batch, size, size, 1)) > 0.97).astype(np.uint8),
-        "valid": np.ones(batch, bool),
-        "volume_mean": np.full((batch, 3), 60.0, np.float32),
-        "volume_std": np.full((batch, 3), 40.0, np.float32),
-    }
-    batch_arrays = parallel.global_batch(host, mesh)
+    batch_arrays = parallel.global_batch(common.synthetic_batch(batch, size), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arrays, rng).compile()
     compile_s = time.perf_counter() - t0
@@ -151,11 +144,7 @@ def main() -> None:
         f"{r['gflop_per_step']:.1f} | {mfu(r)} | {r['epoch_s']:.1f} | {r['compile_s']:.1f} |"
         for r in rows
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        with (REPO / "BENCHMARKS.md").open("a") as f:
-            f.write("\n" + table)
+    common.emit(lines, args.write)
 
 
 if __name__ == "__main__":

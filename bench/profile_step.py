@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,7 +73,6 @@ def main() -> None:
         sys.exit("set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true (per-op trace events)")
     sys.path.insert(0, str(REPO))
     import jax
-    import numpy as np
     from jax.profiler import ProfileData
 
     from configs import unet
@@ -81,15 +82,7 @@ def main() -> None:
     config.model.features, config.batch_size, config.augment.enabled = args.base, 8, False
     mesh = parallel.data_mesh()
     state, rng = train.initial_state(config, mesh)
-    data = np.random.default_rng(0)
-    host = {
-        "image": data.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8),
-        "mask": (data.random((8, 256, 256, 1)) > 0.97).astype(np.uint8),
-        "valid": np.ones(8, bool),
-        "volume_mean": np.zeros((8, 3), np.float32),
-        "volume_std": np.ones((8, 3), np.float32),
-    }
-    batch = parallel.global_batch(host, mesh)
+    batch = parallel.global_batch(common.synthetic_batch(8, 256), mesh)
     compiled = train.compile_steps(config, mesh).train.lower(state, batch, rng).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -127,11 +129,7 @@ def main() -> None:
         wall = f"{wall:.1f}" if wall is not None else ""
         rss = f"{rss:.0f}" if rss is not None else ""
         lines.append(f"| {job} | {work} | {wall} | {rate} | {rss} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        with (REPO / "BENCHMARKS.md").open("a") as f:
-            f.write("\n" + table)
+    common.emit(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO.parent / "shared" / "peers" / "peer_unet_bench.py"
 
@@ -46,7 +48,6 @@ def lggunet_worker(base: int, batch: int, steps: int) -> dict:
     """Runs in the child: jit the real train step (no augmentation) and time it."""
     sys.path.insert(0, str(REPO))
     import jax
-    import numpy as np
 
     from configs import unet
     from lggunet import parallel, train
@@ -58,15 +59,7 @@ def lggunet_worker(base: int, batch: int, steps: int) -> dict:
     mesh = parallel.data_mesh()
     state, rng = train.initial_state(config, mesh)
     steps_fn = train.compile_steps(config, mesh)
-    data = np.random.default_rng(0)
-    host = {
-        "image": data.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8),
-        "mask": (data.random((batch, 256, 256, 1)) > 0.97).astype(np.uint8),
-        "valid": np.ones(batch, bool),
-        "volume_mean": np.zeros((batch, 3), np.float32),
-        "volume_std": np.ones((batch, 3), np.float32),
-    }
-    batch_arrays = parallel.global_batch(host, mesh)
+    batch_arrays = parallel.global_batch(common.synthetic_batch(batch, 256), mesh)
     t0 = time.perf_counter()
     state, out = steps_fn.train(state, batch_arrays, rng)
     jax.block_until_ready(out)
@@ -185,11 +178,7 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {' | '.join(map(str, r))} |" for r in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.write:
-        with (REPO / "BENCHMARKS.md").open("a") as f:
-            f.write("\n" + table)
+    common.emit(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""A real-data recipe sized for a 2-core CPU (about an hour on the 29 shared patients).
+"""A real-data recipe sized for a 2-core CPU (the 29 shared patients in about half an hour).
 
 128x128 inputs, base width 16, depth 4 (1.94M parameters), batch 16, Adam 1e-3 with the
 plateau schedule, Dice + BCE loss, the notebook's x/255 scaling and the Buda et al.
 augmentation; early stopping after 10 epochs without improvement. About 27 minutes alone on
-2 CPU cores (30 epochs). The same settings scale up unchanged on an accelerator (raise
-data.image_size and model.features there).
+2 CPU cores for 30 epochs (estimated from its first epochs' 13-15 images/s; the measured run
+shared the cores with three others and took 1h28m). The same settings scale up unchanged on
+an accelerator (raise data.image_size and model.features there).
 
     python run.py --config=configs/cpu.py --config.data.manual_dir=PATH --workdir=runs/cpu
     python run.py --config=configs/cpu.py --workdir=runs/cpu --mode=evaluate

@@ -91,16 +91,16 @@ class UNet(nn.Module):
         if x.shape[1] % 2**self.depth or x.shape[2] % 2**self.depth:
             raise ValueError(f"image size {x.shape[1:3]} is not divisible by 2**{self.depth}")
         x = x.astype(self.dtype)
+
+        def block(width: int) -> ConvBlock:
+            return ConvBlock(width, self.batch_norm, self.dtype, self.bn_momentum)
+
         skips = []
         for level in range(self.depth):
-            x = ConvBlock(self.features * 2**level, self.batch_norm, self.dtype, self.bn_momentum)(
-                x, train
-            )
+            x = block(self.features * 2**level)(x, train)
             skips.append(x)
             x = max_pool_2x2(x)
-        x = ConvBlock(self.features * 2**self.depth, self.batch_norm, self.dtype, self.bn_momentum)(
-            x, train
-        )
+        x = block(self.features * 2**self.depth)(x, train)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for level in reversed(range(self.depth)):
@@ -108,6 +108,6 @@ class UNet(nn.Module):
             up = Upsample2x(width, self.dtype, name=f"ConvTranspose_{self.depth - 1 - level}")
             x = up(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
-            x = ConvBlock(width, self.batch_norm, self.dtype, self.bn_momentum)(x, train)
+            x = block(width)(x, train)
         logits = nn.Conv(1, (1, 1), dtype=self.dtype)(x)
         return logits.astype(jnp.float32)
