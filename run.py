@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lggunet import inference, parallel, predict_files, report, train
+from lggunet import cross_validation, inference, parallel, predict_files, report, train
 from lggunet.errors import ConfigError, LggUnetError
 from lggunet.interrupts import Interrupted
 
@@ -32,8 +32,10 @@ flags.DEFINE_enum(
     "train",
     ["train", "evaluate", "predict"],
     "train: train (resuming from the workdir), then score the best checkpoint on validation "
-    "and test. evaluate: write report.json/report.md/report_patients.csv and pictures for the "
-    "best checkpoint on every split. predict: masks for --input into --output.",
+    "and test; with data.cv_folds > 1, one model per fold and cv_report.md. evaluate: write "
+    "report.json/report.md/report_patients.csv and pictures for the best checkpoint on every "
+    "split (cross-validation: every fold, then cv_report.md). predict: masks for --input "
+    "into --output (a cross-validation workdir predicts with its fold ensemble).",
 )
 flags.DEFINE_string(
     "input",
@@ -92,8 +94,13 @@ def main(argv: list[str]) -> None:
                 f"--mode={FLAGS.mode} runs in one process; start it without "
                 "the distributed settings"
             )
-        if FLAGS.mode == "train":
+        cv = FLAGS.config.data.get("cv_folds", 0) > 1
+        if FLAGS.mode == "train" and cv:
+            cross_validation.run(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "train":
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "evaluate" and inference.is_cv_workdir(FLAGS.workdir):
+            cross_validation.evaluate(FLAGS.config, FLAGS.workdir)
         elif FLAGS.mode == "evaluate":
             report.evaluate_run(FLAGS.config, FLAGS.workdir)
         else:

@@ -56,10 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.split_mode = "patient"  # "patient", or "slice" (leaky: the notebook's split)
     config.data.split_seed = 0
     config.data.split_fractions = (0.8, 0.1, 0.1)  # train, validation, test (of patients)
+    # Patient-level k-fold cross-validation (folds stratified by institution, split_seed):
+    # cv_folds > 1 trains one model per fold in WORKDIR/fold_<k> (test = fold k; validation =
+    # split_fractions[1] of the patients, from the other folds), then writes cv_report.*.
+    # cv_fold = -1 runs every fold in turn (resumable); k >= 0 only fold k.
+    config.data.cv_folds = 0
+    config.data.cv_fold = -1
     config.data.num_threads = 4  # grain reader threads
     config.data.num_workers = 0  # grain worker processes (0: read in this process)
     config.data.device_cache = False  # hold train + validation on the device (uint8, ~1 GB)
-    config.data.normalize = "scale"  # "scale" (x/255, the notebook) or "zscore_volume"
+    # "scale" (x/255, the notebook), "zscore_volume" or "brain_zscore" (lggunet/normalization.py)
+    config.data.normalize = "scale"
     config.data.skip_invalid = (
         False  # True: leave out bad slices (each reported) instead of stopping
     )
@@ -68,13 +75,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Keras ImageDataGenerator semantics and the notebook's values; see lggunet/augment.py.
     config.augment = ml_collections.ConfigDict()
     config.augment.enabled = True
-    config.augment.preset = ""  # "" = the fields below; or "buda2019", "notebook", "none"
+    # "" = the fields below; or "buda2019", "buda2019_intensity", "notebook", "none"
+    config.augment.preset = ""
     config.augment.rotation_range = 0.2  # degrees (the notebook's 0.2 is 0.2 degrees in Keras)
     config.augment.width_shift_range = 0.05  # fraction of the width
     config.augment.height_shift_range = 0.05  # fraction of the height
     config.augment.shear_range = 0.05  # degrees
     config.augment.zoom_range = 0.05  # factors in [1 - z, 1 + z], x and y drawn independently
     config.augment.horizontal_flip = True
+    config.augment.intensity = False  # nnU-Net-style intensity transforms (lggunet/intensity.py)
 
     # --mode=evaluate: which variants report.json / report.md show besides the plain model.
     config.evaluate = ml_collections.ConfigDict()

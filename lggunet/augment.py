@@ -13,7 +13,8 @@ The config fields mean what the Keras notebook's dict means:
 One 3x3 matrix per example (Keras's order: rotation @ shift @ shear @ zoom, about the image
 centre) maps output pixel coordinates to input coordinates. Images are sampled bilinearly; masks
 bilinearly and then thresholded at 0.5 (what the notebook does), so they stay in {0, 1} and
-aligned with their image. Everything is jit-able and vmapped over the batch; the same key gives
+aligned with their image. With `intensity` set, `lggunet.intensity`'s transforms follow on the
+image (not the mask). Everything is jit-able and vmapped over the batch; the same key gives
 the same output.
 """
 
@@ -24,6 +25,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from lggunet import intensity as intensity_lib
+from lggunet.intensity import IntensityParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +40,21 @@ class AugmentParams:
     shear_range: float = 0.0
     zoom_range: float = 0.0
     horizontal_flip: bool = False
+    intensity: IntensityParams | None = None  # nnU-Net-style intensity transforms, or none
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> AugmentParams:
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+        spatial = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name != "intensity"}
+        intensity = IntensityParams() if config.get("intensity", False) else None
+        return cls(**spatial, intensity=intensity)
 
 
 # The notebook's dict, and what Buda et al. (2019) used on this data (rotation +-15 degrees,
-# scale +-5%, horizontal flip).
+# scale +-5%, horizontal flip); the latter with nnU-Net's intensity transforms added.
 PRESETS: dict[str, AugmentParams] = {
     "notebook": AugmentParams(0.2, 0.05, 0.05, 0.05, 0.05, True),
     "buda2019": AugmentParams(15.0, 0.0, 0.0, 0.0, 0.05, True),
+    "buda2019_intensity": AugmentParams(15.0, 0.0, 0.0, 0.0, 0.05, True, IntensityParams()),
     "none": AugmentParams(),
 }
 
@@ -122,6 +130,11 @@ def augment_example(
     mask = (warp(mask.astype(jnp.float32), matrix) > 0.5).astype(mask.dtype)
     image = jnp.where(t["flip"], image[:, ::-1], image)
     mask = jnp.where(t["flip"], mask[:, ::-1], mask)
+    if params.intensity is not None:
+        intensity = intensity_lib.draw(
+            jax.random.fold_in(key, 11), params.intensity, image.shape[-1]
+        )
+        image = intensity_lib.apply(image, intensity)
     return image, mask
 
 

@@ -8,6 +8,7 @@ import ml_collections
 from lggunet.augment import PRESETS
 from lggunet.errors import ConfigError
 from lggunet.losses import LOSSES
+from lggunet.normalization import NORMALIZATIONS
 
 __all__ = ["ConfigError", "check"]
 
@@ -27,6 +28,16 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     if fractions[0] == 0 or fractions[1] == 0:
         raise ConfigError("data.split_fractions: training needs train and validation splits")
+    folds, fold = config.data.get("cv_folds", 0), config.data.get("cv_fold", -1)
+    if folds == 1 or folds < 0 or (folds and not -1 <= fold < folds):
+        raise ConfigError(
+            f"data.cv_folds={folds}, data.cv_fold={fold}: use cv_folds=0 (off) or >= 2, and "
+            "cv_fold in [0, cv_folds) for one fold or -1 for all"
+        )
+    if folds and config.data.split_mode != "patient":
+        raise ConfigError(
+            "data.cv_folds, data.cv_fold: cross-validation splits by patient (split_mode)"
+        )
     if config.data.split_mode not in ("patient", "slice"):
         raise ConfigError(f"data.split_mode={config.data.split_mode!r}: use 'patient' or 'slice'")
     if config.batch_size % jax.process_count():
@@ -46,9 +57,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
-    if config.data.normalize not in ("scale", "zscore_volume"):
+    if config.data.normalize not in NORMALIZATIONS:
         raise ConfigError(
-            f"data.normalize={config.data.normalize!r}: use 'scale' or 'zscore_volume'"
+            f"data.normalize={config.data.normalize!r}: choose one of {list(NORMALIZATIONS)}"
         )
     if config.data.oversample_tumour < 1:
         raise ConfigError(f"data.oversample_tumour={config.data.oversample_tumour} must be >= 1")

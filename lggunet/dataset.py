@@ -109,6 +109,8 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
         split_seed=data_config.split_seed,
         split_fractions=tuple(data_config.split_fractions),
         skip_invalid=bool(data_config.get("skip_invalid", False)),
+        cv_folds=int(data_config.get("cv_folds", 0)),
+        cv_fold=max(int(data_config.get("cv_fold", 0)), 0),
     )
     builder = LggMriSegmentation(
         config=config, data_dir=str(data_dir(data_config)), file_format="array_record"

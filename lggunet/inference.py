@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from lggunet import kaggle3m, models, parallel
+from lggunet import kaggle3m, models, normalization, parallel
 from lggunet.checkpointing import CheckpointStore
 from lggunet.errors import ConfigError
 
@@ -53,11 +53,9 @@ def saved_config(workdir: str | Path) -> ml_collections.ConfigDict | None:
 
 
 @functools.partial(jax.jit, static_argnames=("module", "image_size", "normalize", "tta"))
-def _probabilities(variables, images, mean, std, *, module, image_size, normalize, tta):
-    from lggunet.train import normalize_images
-
+def _probabilities(variables, images, mean, std, brain, *, module, image_size, normalize, tta):
     n, h, w, _ = images.shape
-    x = normalize_images(images, normalize, mean, std)
+    x = normalization.normalize_images(images, normalize, mean, std, brain)
     if (h, w) != (image_size, image_size):
         x = jax.image.resize(x, (n, image_size, image_size, 3), "linear")
     probs = jax.nn.sigmoid(module.apply(variables, x, train=False))
@@ -82,11 +80,12 @@ class Model:
     step: int | None = None  # the training step of the checkpoint
     record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON record
 
-    def __call__(self, images, volume_mean=None, volume_std=None) -> np.ndarray:
+    def __call__(self, images, volume_mean=None, volume_std=None, brain_stats=None) -> np.ndarray:
         """p(tumour) per pixel, (N, H, W) float32 (or (H, W) for one slice).
 
-        With `normalize == "zscore_volume"` the images are z-scored with the given per-channel
-        volume statistics, or, if none are given, with those of `images` taken as one volume.
+        Per-patient normalisations (`zscore_volume`, `brain_zscore`) use the given statistics
+        (`volume_mean`/`volume_std` (3,) or (N, 3); `brain_stats` (6, 3) or (N, 6, 3), see
+        `lggunet.normalization`), or, if none are given, those of `images` taken as one volume.
         """
         images = np.asarray(images)
         single = images.ndim == 3
@@ -99,6 +98,12 @@ class Model:
             )
         if self.normalize == "zscore_volume" and volume_mean is None:
             volume_mean, volume_std = kaggle3m.volume_statistics(images)
+        if self.normalize == "brain_zscore" and brain_stats is None:
+            brain_stats = normalization.brain_statistics(images)
+        brain = np.broadcast_to(
+            np.asarray(1.0 if brain_stats is None else brain_stats, np.float32),
+            (len(images), 6, 3),
+        )
         mean = np.broadcast_to(
             np.asarray(0.0 if volume_mean is None else volume_mean, np.float32), (len(images), 3)
         )
@@ -119,6 +124,7 @@ class Model:
                 padded(images[chunk].astype(np.float32)),
                 padded(mean[chunk]),
                 padded(std[chunk]),
+                padded(brain[chunk]),
                 module=self.module,
                 image_size=self.image_size,
                 normalize=self.normalize,
@@ -127,6 +133,30 @@ class Model:
             out.append(np.asarray(probs)[:count])
         probs = np.concatenate(out)
         return probs[0] if single else probs
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """Several models (e.g. the k fold models of a cross-validation run) as one: their
+    probabilities averaged, each member with its own input size and normalisation."""
+
+    members: list[Model]
+
+    def __post_init__(self):
+        if not self.members:
+            raise ConfigError("an ensemble needs at least one model")
+
+    @property
+    def tta(self) -> bool:
+        return all(m.tta for m in self.members)
+
+    def __call__(self, images, volume_mean=None, volume_std=None, brain_stats=None) -> np.ndarray:
+        """Mean p(tumour) of the members, shaped as `Model.__call__`'s."""
+        total = None
+        for member in self.members:
+            p = member(images, volume_mean, volume_std, brain_stats)
+            total = p.astype(np.float64) if total is None else total + p
+        return (total / len(self.members)).astype(np.float32)
 
 
 def largest_component(masks: np.ndarray) -> np.ndarray:
@@ -149,13 +179,14 @@ def predict(
     largest_connected_component: bool = False,
     volume_mean=None,
     volume_std=None,
+    brain_stats=None,
 ) -> np.ndarray:
     """Binary masks (N, H, W) uint8 in {0, 1} (or (H, W) for one slice): p > threshold.
 
     With `largest_connected_component`, `images` are taken as one patient's slices in order
     and only the largest 3D component is kept.
     """
-    probs = model(images, volume_mean=volume_mean, volume_std=volume_std)
+    probs = model(images, volume_mean=volume_mean, volume_std=volume_std, brain_stats=brain_stats)
     masks = (probs > threshold).astype(np.uint8)
     return largest_component(masks) if largest_connected_component else masks
 
@@ -222,9 +253,46 @@ def model_from_config(
     )
 
 
-def load_model(path: str | Path, *, tta: bool = False) -> Model:
+def cv_folds_of(workdir: str | Path) -> int:
+    """The number of folds when `workdir` is a cross-validation run's, else 0."""
+    config = saved_config(workdir)
+    return int(config.data.get("cv_folds", 0)) if config is not None else 0
+
+
+def is_cv_workdir(path: str | Path) -> bool:
+    """True for the top folder of a cross-validation run (not one of its fold workdirs)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and not (path / "checkpoints").is_dir() and cv_folds_of(path) > 1
+
+
+def fold_workdir(workdir: str | Path, fold: int) -> Path:
+    """Where fold `fold` of a cross-validation run trains."""
+    return Path(workdir) / f"fold_{fold}"
+
+
+def load_ensemble(workdir: str | Path, *, tta: bool = False) -> Ensemble:
+    """Every fold model of a cross-validation workdir, averaged; all folds must be trained."""
+    workdir = Path(workdir).expanduser()
+    folds = cv_folds_of(workdir)
+    members = []
+    for k in range(folds):
+        fold_dir = fold_workdir(workdir, k)
+        if not (fold_dir / "checkpoints").is_dir():
+            raise ConfigError(
+                f"{fold_dir}: fold {k} of {folds} has no checkpoints yet; finish the "
+                f"cross-validation (rerun its training command) or load one fold's folder"
+            )
+        members.append(load_model(fold_dir, tta=tta))
+    return Ensemble(members)
+
+
+def load_model(path: str | Path, *, tta: bool = False) -> Model | Ensemble:
     """The best checkpoint of a training run (its workdir or its `checkpoints/` folder), with
-    the model and preprocessing settings that run saved in `config.json`."""
+    the model and preprocessing settings that run saved in `config.json`; for a
+    cross-validation workdir, the ensemble of its fold models."""
+    path = Path(path).expanduser()
+    if is_cv_workdir(path):
+        return load_ensemble(path, tta=tta)
     workdir, checkpoints = find_checkpoints(path)
     config = saved_config(workdir)
     if config is None:
@@ -237,8 +305,10 @@ def load_model(path: str | Path, *, tta: bool = False) -> Model:
 
 def load_model_for(
     config: ml_collections.ConfigDict, workdir: str | Path, *, tta: bool = False
-) -> Model:
+) -> Model | Ensemble:
     """The best checkpoint of `workdir`, built with the run's saved config.json when there is
-    one (else with `config`)."""
+    one (else with `config`); the fold ensemble for a cross-validation workdir."""
+    if is_cv_workdir(workdir):
+        return load_ensemble(workdir, tta=tta)
     workdir, checkpoints = find_checkpoints(workdir)
     return model_from_config(saved_config(workdir) or config, checkpoints, tta=tta)

@@ -1,11 +1,12 @@
 """tfds `array_record` files -> grain -> batches of numpy arrays, padded to a fixed size.
 
 Every batch is a dict: `image` uint8 (B, 256, 256, 3), `mask` uint8 (B, 256, 256, 1),
-`valid` bool (B,) (False on padding), `volume_mean` and `volume_std` float32 (B, 3) (the
-patient's per-channel statistics, for z-scoring), and, kept on the host, `slice_index` int32,
-`tumour_area` int32 and `patient_id` str (B,). The last batch of an epoch is padded with copies
-of real examples marked `valid=False`, so shapes stay static and every example is used exactly
-once (or `repeats` times, when tumour slices are oversampled).
+`valid` bool (B,) (False on padding), `volume_mean` and `volume_std` float32 (B, 3) and
+`brain_stats` float32 (B, 6, 3) (the patient's statistics, see `lggunet.normalization`), and,
+kept on the host, `slice_index` int32, `tumour_area` int32 and `patient_id` str (B,). The last
+batch of an epoch is padded with copies of real examples marked `valid=False`, so shapes stay
+static and every example is used exactly once (or `repeats` times, when tumour slices are
+oversampled).
 
 Two ways to feed the accelerator: grain (threads, optional worker processes, prefetch to
 device) or `DeviceCache`, which keeps a whole split on the device as uint8 and gathers batches
@@ -25,7 +26,7 @@ from absl import flags
 
 from lggunet import parallel
 
-DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std")
+DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std", "brain_stats")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,11 @@ class _PlannedBatches:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         examples = [self._source[int(j)] for j in self._plan.indices[i]]
+        extra = {}
+        if "brain_stats" in examples[0]:  # data prepared before version 1.2.0 lacks it
+            extra["brain_stats"] = np.stack([e["brain_stats"] for e in examples])
         return {
+            **extra,
             "image": np.stack([e["image"] for e in examples]),
             "mask": np.stack([e["mask"] for e in examples]),
             "valid": self._plan.valid[i].copy(),
@@ -131,7 +136,7 @@ def iterate(
 
 def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The part of a batch that goes to the accelerator."""
-    return {k: batch[k] for k in DEVICE_KEYS}
+    return {k: batch[k] for k in DEVICE_KEYS if k in batch}
 
 
 def prefetch_to_device(

@@ -5,7 +5,9 @@ a zip of any of these. For every image `<rel>/<stem>.tif` (files named `*_mask.t
 truth and are skipped) it writes `OUT/<rel>/<stem>_pred_mask.tif` (uint8 in {0, 255}, the
 input's height and width) and `OUT/<rel>/<stem>_overlay.png` (FLAIR with the predicted outline
 in red, and the ground truth in green when a `<stem>_mask.tif` lies beside it), then
-`OUT/volumes.csv`: per patient (folder), slices, slices with tumour, tumour area in pixels.
+`OUT/volumes.csv`: per patient (folder), slices, slices with tumour, tumour area in pixels,
+and, when every slice of the volume has its ground truth beside it, the true area and the
+per-volume Dice (the literature's metric) of the written masks.
 
 A file that cannot be used (unreadable, wrong channel count, ...) is reported by name and
 skipped; the rest are still processed, and the result lists the failures.
@@ -26,7 +28,7 @@ from absl import logging
 from PIL import Image
 from scipy import ndimage
 
-from lggunet import inference, kaggle3m
+from lggunet import inference, kaggle3m, normalization
 from lggunet.errors import DataError
 
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
@@ -178,7 +180,7 @@ def _slice_number(rel: PurePosixPath) -> tuple[int, str]:
 
 
 def predict_path(
-    model: inference.Model,
+    model: inference.Model | inference.Ensemble,
     input_path: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -210,15 +212,15 @@ def predict_path(
         if not loaded:
             continue
         arrays = [a for _, a in loaded]
-        mean, std = None, None
-        if model.normalize == "zscore_volume":
-            mean, std = kaggle3m.volume_statistics(arrays)
+        # The volume's statistics, whichever normalisation the model (or each member) uses.
+        mean, std = kaggle3m.volume_statistics(arrays)
+        brain = normalization.brain_statistics(arrays)
         preds: list = [None] * len(arrays)
         by_shape: dict[tuple, list[int]] = {}
         for i, a in enumerate(arrays):  # slices may differ in size: predict each size at once
             by_shape.setdefault(a.shape, []).append(i)
         for idx in by_shape.values():
-            probs = model(np.stack([arrays[i] for i in idx]), mean, std)
+            probs = model(np.stack([arrays[i] for i in idx]), mean, std, brain)
             for i, p in zip(idx, probs, strict=True):
                 preds[i] = (p > threshold).astype(np.uint8)
         same_size = len({p.shape for p in preds}) == 1
@@ -227,6 +229,7 @@ def predict_path(
         elif largest_connected_component:
             preds = [inference.largest_component(p) for p in preds]
         tumour_slices, area = 0, 0
+        overlap = {"intersection": 0, "true": 0, "complete": True}  # per-volume Dice
         for (item, image), pred in zip(loaded, preds, strict=True):
             stem = item.rel.stem
             out_dir = output / Path(*item.rel.parent.parts)
@@ -240,6 +243,11 @@ def predict_path(
                     truth = None
                 if truth is not None and truth.shape != pred.shape:
                     truth = None
+            if truth is None:
+                overlap["complete"] = False
+            else:
+                overlap["intersection"] += int(np.logical_and(truth > 0, pred > 0).sum())
+                overlap["true"] += int((truth > 0).sum())
             try:
                 _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
                 _write_atomic(
@@ -267,6 +275,7 @@ def predict_path(
                 "slices": len(loaded),
                 "slices_with_tumour": tumour_slices,
                 "tumour_area_pixels": area,
+                **_volume_dice(overlap, area, len(loaded) == len(items)),
             }
         )
         logging.info(
@@ -279,6 +288,7 @@ def predict_path(
         )
     output.mkdir(parents=True, exist_ok=True)
     fields = ["patient", "folder", "slices", "slices_with_tumour", "tumour_area_pixels"]
+    fields += ["true_area_pixels", "dice"]
 
     def write_csv(p):
         with open(p, "w", newline="") as f:
@@ -288,6 +298,15 @@ def predict_path(
 
     _write_atomic(output / "volumes.csv", write_csv)
     return result
+
+
+def _volume_dice(overlap: dict, pred_area: int, all_read: bool) -> dict:
+    """`true_area_pixels` and `dice` of one volume, blank unless every slice had its truth."""
+    if not (overlap["complete"] and all_read):
+        return {"true_area_pixels": "", "dice": ""}
+    total = overlap["true"] + pred_area
+    dice = 1.0 if total == 0 else 2.0 * overlap["intersection"] / total
+    return {"true_area_pixels": overlap["true"], "dice": round(dice, 6)}
 
 
 def read_mask_bytes(data: bytes, where: str) -> np.ndarray:

@@ -58,10 +58,10 @@ def _predict_split(model: inference.Model, source, batch_size: int, tta: bool) -
         valid = batch["valid"]
         images = batch["image"][valid]
         masks = batch["mask"][valid][..., 0]
-        mean, std = batch["volume_mean"][valid], batch["volume_std"][valid]
-        probs = {"plain": model(images, mean, std)}
+        stats = [batch[k][valid] for k in ("volume_mean", "volume_std", "brain_stats")]
+        probs = {"plain": model(images, *stats)}
         if tta:
-            flipped = model(images[:, :, ::-1], mean, std)[:, :, ::-1]
+            flipped = model(images[:, :, ::-1], *stats)[:, :, ::-1]
             probs["tta"] = 0.5 * (probs["plain"] + flipped)
         out.weights.append(len(images))
         for name, p in probs.items():
@@ -258,8 +258,11 @@ def _json_safe(x):
     return x
 
 
-def evaluate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Scores the best checkpoint in `workdir` on every split and writes the report files.
+def evaluate_run(
+    config: ml_collections.ConfigDict, workdir: str | Path, splits: tuple[str, ...] = SPLITS
+) -> dict:
+    """Scores the best checkpoint in `workdir` on `splits` (default: every split) and writes
+    the report files.
 
     The data split and model come from the run's saved config.json when there is one (so the
     test patients are the ones held out in training); data paths and `evaluate.*` come from
@@ -299,7 +302,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
         "splits": {},
     }
     rows_by_split, pictures = {}, []
-    for name in SPLITS:
+    for name in splits:
         if name not in sources:
             continue
         logging.info("Evaluating %s (%d slices)", name, len(sources[name]))

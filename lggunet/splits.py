@@ -54,3 +54,59 @@ def split_by_slice(num_slices: int, fractions: Sequence[float], seed: int) -> li
     names[order[n_train : n_train + n_val]] = "validation"
     names[order[n_train + n_val :]] = "test"
     return names.tolist()
+
+
+def institution_of(patient_id: str) -> str:
+    """The TCGA institution code of a patient id ("TCGA_CS_4941" -> "CS"); "" if none."""
+    parts = patient_id.split("_")
+    return parts[1] if len(parts) > 2 else ""
+
+
+def _interleaved_by_institution(patients: Sequence[str], rng: np.random.Generator) -> list[str]:
+    """The patients shuffled within each institution, then dealt one institution at a time
+    (institutions in random order), so any prefix spreads over the institutions."""
+    groups: dict[str, list[str]] = {}
+    for p in sorted(patients):
+        groups.setdefault(institution_of(p), []).append(p)
+    names = sorted(groups)
+    for name in names:
+        groups[name] = [groups[name][i] for i in rng.permutation(len(groups[name]))]
+    names = [names[i] for i in rng.permutation(len(names))]
+    longest = max(len(g) for g in groups.values())
+    return [groups[n][i] for i in range(longest) for n in names if i < len(groups[n])]
+
+
+def cv_folds(patient_ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:
+    """Patient id -> fold in [0, folds), stratified by institution: the patients, interleaved
+    by institution, are dealt to the folds in turn, so every fold gets a near-equal share of
+    every institution. Deterministic in (set of patients, folds, seed)."""
+    patients = sorted(set(patient_ids))
+    if folds < 2 or folds > len(patients):
+        raise ConfigError(f"{len(patients)} patients cannot make {folds} folds (need 2..N)")
+    order = _interleaved_by_institution(patients, np.random.default_rng([seed, folds]))
+    return {p: i % folds for i, p in enumerate(order)}
+
+
+def split_cross_validation(
+    patient_ids: Sequence[str], folds: int, fold: int, val_fraction: float, seed: int
+) -> dict[str, str]:
+    """Patient id -> split for one fold: `test` is the fold itself; `validation` (checkpoint
+    choice and the plateau schedule) is `val_fraction` of all patients (at least one), drawn
+    from the other folds spread over institutions; the rest is `train`."""
+    if not 0 <= fold < folds:
+        raise ConfigError(f"data.cv_fold={fold} must be in [0, {folds}) for {folds} folds")
+    assignment = cv_folds(patient_ids, folds, seed)
+    rest = [p for p, f in assignment.items() if f != fold]
+    n_val = max(1, round(val_fraction * len(assignment)))
+    if n_val >= len(rest):
+        raise ConfigError(
+            f"{len(assignment)} patients in {folds} folds leave {len(rest)} outside the test "
+            f"fold: too few for {n_val} validation patients and a training set"
+        )
+    chosen = set(
+        _interleaved_by_institution(rest, np.random.default_rng([seed, folds, fold]))[:n_val]
+    )
+    return {
+        p: "test" if f == fold else ("validation" if p in chosen else "train")
+        for p, f in assignment.items()
+    }

@@ -35,6 +35,7 @@ from lggunet.checkpointing import CheckpointStore
 from lggunet.errors import TrainingDiverged
 from lggunet.feed import Feed
 from lggunet.interrupts import Interrupted, StopRequest
+from lggunet.normalization import normalize_images
 
 Batch = dict[str, jax.Array]
 
@@ -107,33 +108,22 @@ def step_plateau(
     )
 
 
-NORMALIZATIONS = ("scale", "zscore_volume")
-
-
-def normalize_images(images, normalize: str, volume_mean=None, volume_std=None) -> jax.Array:
-    """uint8-range images (B, H, W, 3) -> the network's float32 input (see `preprocess`)."""
-    images = jnp.asarray(images).astype(jnp.float32)
-    if normalize == "zscore_volume":
-        mean = jnp.asarray(volume_mean, jnp.float32)[:, None, None, :]
-        std = jnp.maximum(jnp.asarray(volume_std, jnp.float32)[:, None, None, :], 1e-6)
-        return (images - mean) / std
-    if normalize == "scale":
-        return images / 255.0
-    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}")
-
-
 def preprocess(
     batch: Batch, image_size: int, normalize: str = "scale"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """uint8 batch -> (normalised float32 images, masks in {0, 1} float32, weights).
 
-    `normalize`: "scale" is the notebook's x / 255; "zscore_volume" subtracts the patient's
-    per-channel volume mean and divides by its std (Buda et al.). Slices are resized to
+    `normalize`: one of `normalization.NORMALIZATIONS` (see that module); per-patient
+    statistics come with each example. Slices are resized to
     `image_size` (images bilinear, masks bilinear then thresholded at 0.5). The same function
     serves training, evaluation and prediction.
     """
     images = normalize_images(
-        batch["image"], normalize, batch.get("volume_mean"), batch.get("volume_std")
+        batch["image"],
+        normalize,
+        batch.get("volume_mean"),
+        batch.get("volume_std"),
+        batch.get("brain_stats"),
     )
     masks = batch["mask"].astype(jnp.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:

@@ -67,9 +67,12 @@ def test_predict_real_patient_folder(trained, real_data, tmp_path):
     masks = sorted(out.glob("*_pred_mask.tif"))
     assert [m.name for m in masks] == sorted(f"{p.stem}_pred_mask.tif" for p in images)
     assert not list(out.glob("*_mask_pred_mask.tif"))  # ground truth is not predicted on
-    slices_with_tumour, area = 0, 0
+    slices_with_tumour, area, inter, true_area = 0, 0, 0, 0
     for m in masks:
         mask = tifffile.imread(m)
+        truth = tifffile.imread(patient / m.name.replace("_pred_mask.tif", "_mask.tif")) > 0
+        inter += int((truth & (mask > 0)).sum())
+        true_area += int(truth.sum())
         assert mask.shape == (256, 256) and mask.dtype == np.uint8
         assert set(np.unique(mask).tolist()) <= {0, 255}
         slices_with_tumour += int(mask.any())
@@ -82,6 +85,9 @@ def test_predict_real_patient_folder(trained, real_data, tmp_path):
     assert int(row["slices"]) == len(images)
     assert int(row["slices_with_tumour"]) == slices_with_tumour
     assert int(row["tumour_area_pixels"]) == area
+    assert int(row["true_area_pixels"]) == true_area
+    expected = 1.0 if true_area + area == 0 else 2 * inter / (true_area + area)
+    assert float(row["dice"]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_python_api_gives_the_same_masks_as_the_cli(trained, tmp_path):
@@ -201,3 +207,4 @@ def test_flat_folder_of_two_patients_and_macos_litter(trained, tmp_path):
         ("TCGA_XX_0005_20000101", "2"),
         ("TCGA_XX_0006_20000101", "2"),
     ]
+    assert all(r["dice"] == "" and r["true_area_pixels"] == "" for r in rows)  # no truth

@@ -37,3 +37,44 @@ def test_slice_split_counts():
     names = splits.split_by_slice(100, (0.8, 0.1, 0.1), seed=0)
     assert [names.count(s) for s in splits.SPLITS] == [80, 10, 10]
     assert names == splits.split_by_slice(100, (0.8, 0.1, 0.1), seed=0)
+
+
+def mixed_patients():
+    counts = {"CS": 11, "DU": 16, "FG": 10, "HT": 11, "EZ": 1}
+    return [f"TCGA_{inst}_{i:04d}" for inst, n in counts.items() for i in range(n)]
+
+
+def test_cv_folds_partition_patients_and_stratify_by_institution():
+    patients = mixed_patients()
+    folds = splits.cv_folds(patients, 5, seed=0)
+    assert sorted(folds) == sorted(patients) and set(folds.values()) == set(range(5))
+    sizes = [list(folds.values()).count(k) for k in range(5)]
+    assert max(sizes) - min(sizes) <= 1  # 49 patients: 10, 10, 10, 10, 9
+    for inst in ("CS", "DU", "FG", "HT"):
+        per_fold = [
+            sum(1 for p, f in folds.items() if f == k and splits.institution_of(p) == inst)
+            for k in range(5)
+        ]
+        assert max(per_fold) - min(per_fold) <= 1, (inst, per_fold)
+    assert folds == splits.cv_folds(list(reversed(patients)), 5, seed=0)
+    assert folds != splits.cv_folds(patients, 5, seed=1)
+
+
+def test_each_patient_is_tested_exactly_once_and_never_trained_on_in_its_fold():
+    patients = mixed_patients()
+    tested = []
+    for k in range(5):
+        split = splits.split_cross_validation(patients, 5, k, 0.1, seed=3)
+        assert sorted(split) == sorted(patients)
+        names = list(split.values())
+        assert names.count("validation") == 5  # round(0.1 * 49)
+        val_institutions = {splits.institution_of(p) for p, s in split.items() if s == "validation"}
+        assert len(val_institutions) >= 4  # spread over the institutions
+        tested += [p for p, s in split.items() if s == "test"]
+    assert sorted(tested) == sorted(patients)
+
+
+@pytest.mark.parametrize("folds, fold", [(1, 0), (5, 5), (5, -1), (60, 0)])
+def test_bad_fold_settings_are_config_errors(folds, fold):
+    with pytest.raises(ConfigError, match="fold"):
+        splits.split_cross_validation(mixed_patients(), folds, fold, 0.1, seed=0)

@@ -9,7 +9,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lggunet import kaggle3m, splits
+from lggunet import kaggle3m, normalization, splits
 
 _DESCRIPTION = """\
 Brain MR images of 110 lower-grade glioma patients from The Cancer Imaging Archive (TCGA-LGG),
@@ -35,6 +35,8 @@ class LggConfig(tfds.core.BuilderConfig):
     fingerprint: str = ""
     source: str = ""  # the folder or zip to read; "" = the download manager's manual_dir
     skip_invalid: bool = False  # leave out bad slices (each reported) instead of stopping
+    cv_folds: int = 0  # > 1: patient-level k-fold cross-validation; test = fold `cv_fold`
+    cv_fold: int = 0
 
 
 def make_config(
@@ -44,29 +46,41 @@ def make_config(
     split_seed: int = 0,
     split_fractions=(0.8, 0.1, 0.1),
     skip_invalid: bool = False,
+    cv_folds: int = 0,
+    cv_fold: int = 0,
 ) -> LggConfig:
     fractions = tuple(float(f) for f in split_fractions)
     pct = "-".join(f"{round(f * 100):d}" for f in fractions)
+    cv = f"-cv{cv_folds}fold{cv_fold}" if cv_folds else ""
+    description = f"{split_mode}-level split {fractions}, seed {split_seed}"
+    if cv_folds:
+        description = (
+            f"fold {cv_fold} of {cv_folds}-fold patient cross-validation (test: that fold; "
+            f"validation: {fractions[1]:.0%} of the patients), seed {split_seed}"
+        )
     return LggConfig(
-        name=f"{split_mode}-seed{split_seed}-{pct}-{fingerprint[:16]}"
+        name=f"{split_mode}-seed{split_seed}-{pct}{cv}-{fingerprint[:16]}"
         + ("-skipinvalid" if skip_invalid else ""),
-        description=f"{split_mode}-level split {fractions}, seed {split_seed}",
+        description=description,
         split_mode=split_mode,
         split_seed=split_seed,
         split_fractions=fractions,
         fingerprint=fingerprint,
         source=str(source),
         skip_invalid=bool(skip_invalid),
+        cv_folds=int(cv_folds),
+        cv_fold=int(cv_fold),
     )
 
 
 class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
     """LGG MRI Segmentation (kaggle_3m), one example per slice."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "Per-slice tumour_area; per-volume channel mean and std (for z-scoring).",
+        "1.2.0": "Per-volume brain_stats (brain_zscore normalisation; lggunet.normalization).",
     }
     BUILDER_CONFIGS = [make_config(fingerprint="any")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = kaggle3m.HOW_TO_GET_DATA
@@ -86,6 +100,8 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
                     # Per-channel mean and std over the patient's whole volume.
                     "volume_mean": tfds.features.Tensor(shape=(3,), dtype=np.float32),
                     "volume_std": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+                    # Background, brain threshold, clip range, mean and std over the brain.
+                    "brain_stats": tfds.features.Tensor(shape=(6, 3), dtype=np.float32),
                 }
             ),
             homepage=_HOMEPAGE,
@@ -106,7 +122,16 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
         slices = kaggle3m.list_slices(source, problems)
         for message in problems or []:
             self._skip(message)
-        if config.split_mode == "patient":
+        if config.cv_folds:
+            by_patient = splits.split_cross_validation(
+                [s.patient_id for s in slices],
+                config.cv_folds,
+                config.cv_fold,
+                config.split_fractions[1],
+                config.split_seed,
+            )
+            names = [by_patient[s.patient_id] for s in slices]
+        elif config.split_mode == "patient":
             by_patient = splits.split_by_patient(
                 [s.patient_id for s in slices], config.split_fractions, config.split_seed
             )
@@ -125,6 +150,8 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
             split_mode=config.split_mode,
             split_seed=config.split_seed,
             split_fractions=list(config.split_fractions),
+            cv_folds=config.cv_folds,
+            cv_fold=config.cv_fold,
             patients={n: sorted({s.patient_id for s in v}) for n, v in per_split.items()},
         )
         return {
@@ -162,6 +189,7 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
                 continue
             case_slices = good
             mean, std = kaggle3m.volume_statistics(images)
+            brain_stats = normalization.brain_statistics(images)
             for s, image, mask in zip(case_slices, images, masks, strict=True):
                 example = {
                     "image": PIL.Image.fromarray(image, mode="RGB"),
@@ -172,5 +200,6 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
                     "tumour_area": int(mask.sum()),
                     "volume_mean": mean,
                     "volume_std": std,
+                    "brain_stats": brain_stats,
                 }
                 yield f"{s.case}_{s.index}", example

@@ -1,0 +1,108 @@
+"""Cross-validation end to end on the synthetic phantom: every patient tested once by a model
+that never saw it, the report agrees with its own CSV, reruns resume, the folds ensemble."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from lggunet import config_checks, cross_validation, dataset, inference, predict_files
+from lggunet.errors import ConfigError
+
+
+@pytest.fixture
+def cv_config(tiny_config):
+    config = tiny_config
+    config.data.phantom_patients = 4
+    config.data.phantom_slices = 6
+    config.data.cv_folds = 2
+    config.data.cv_fold = -1
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.summary_images = 1
+    return config
+
+
+def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_config, tmp_path):
+    workdir = tmp_path / "cv"
+    result = cross_validation.run(cv_config, workdir)
+    assert result is not None and result["folds"] == 2 and result["patients"] == 4
+
+    tested = []
+    for k in range(2):
+        fold_dir = workdir / f"fold_{k}"
+        assert (fold_dir / cross_validation.DONE_FILE).exists()
+        builder = dataset.prepare(cross_validation.fold_config(cv_config, k).data)
+        patients = builder.info.metadata["patients"]
+        assert not set(patients["test"]) & set(patients["train"])
+        assert not set(patients["test"]) & set(patients["validation"])
+        tested += patients["test"]
+    assert sorted(tested) == [f"TCGA_PH_{i:04d}" for i in range(1, 5)]
+
+    with (workdir / "cv_patients.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["patient"] for r in rows) == sorted(tested)
+    dice = np.array([float(r["dice"]) for r in rows])
+    plain = result["variants"]["plain"]
+    assert plain["mean"] == pytest.approx(dice.mean())
+    assert plain["median"] == pytest.approx(np.median(dice))
+    assert plain["missed"] == int((dice < 0.1).sum())
+    assert plain["ci95"][0] <= plain["mean"] <= plain["ci95"][1]
+    on_disk = json.loads((workdir / "cv_report.json").read_text())
+    assert on_disk["variants"]["plain"]["mean"] == pytest.approx(dice.mean())
+    assert (workdir / "cv_report.md").read_text().startswith("# Cross-validation report")
+    assert (workdir / "cv_volume_dice.png").stat().st_size > 0
+
+    # A rerun trains nothing (every fold is done) and writes the same report.
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.glob("fold_*/checkpoints/*")}
+    again = cross_validation.run(cv_config, workdir)
+    assert again["variants"]["plain"]["mean"] == pytest.approx(dice.mean())
+    assert stamps == {p: p.stat().st_mtime_ns for p in workdir.glob("fold_*/checkpoints/*")}
+
+    # The workdir loads as the ensemble of its folds: the mean of the fold models.
+    ensemble = inference.load_model(workdir)
+    assert isinstance(ensemble, inference.Ensemble) and len(ensemble.members) == 2
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    members = [inference.load_model(workdir / f"fold_{k}")(images) for k in range(2)]
+    np.testing.assert_allclose(ensemble(images), np.mean(members, axis=0), atol=1e-6)
+    folder = tmp_path / "new" / "TCGA_XX_0001_20000101"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images, 1):
+        tifffile.imwrite(folder / f"TCGA_XX_0001_20000101_{i}.tif", image, photometric="rgb")
+    out = predict_files.predict_path(ensemble, tmp_path / "new", tmp_path / "out")
+    assert not out.failures and len(out.volumes) == 1
+    written = tifffile.imread(
+        tmp_path / "out" / folder.name / "TCGA_XX_0001_20000101_2_pred_mask.tif"
+    )
+    np.testing.assert_array_equal(written, (ensemble(images[1]) > 0.5) * 255)
+
+    # A fold without checkpoints (unfinished) stops the ensemble with a clear message; the
+    # other fold still loads on its own.
+    (workdir / "fold_1" / "checkpoints").rename(workdir / "fold_1" / "moved")
+    with pytest.raises(ConfigError, match="fold 1 of 2 has no checkpoints"):
+        inference.load_model(workdir)
+    assert isinstance(inference.load_model(workdir / "fold_0"), inference.Model)
+
+
+@pytest.mark.parametrize(
+    "folds, fold, mode",
+    [(1, -1, "patient"), (3, 3, "patient"), (3, -2, "patient"), (3, 0, "slice")],
+)
+def test_bad_cross_validation_settings_fail_before_any_work(cv_config, folds, fold, mode):
+    cv_config.data.cv_folds, cv_config.data.cv_fold, cv_config.data.split_mode = folds, fold, mode
+    with pytest.raises(ConfigError, match="cv_fold"):
+        config_checks.check(cv_config)
+
+
+def test_bootstrap_interval_matches_a_direct_resampling():
+    values = np.random.default_rng(1).random(20)
+    lo, hi = cross_validation.bootstrap_ci(values, samples=2000, seed=3)
+    idx = np.random.default_rng(3).integers(0, 20, (2000, 20))
+    means = values[idx].mean(axis=1)
+    assert (lo, hi) == (np.percentile(means, 2.5), np.percentile(means, 97.5))
+    assert lo < values.mean() < hi
+    assert cross_validation.is_a_series("TCGA_DU_A5TP") and not cross_validation.is_a_series(
+        "TCGA_DU_5849"
+    )

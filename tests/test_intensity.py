@@ -1,0 +1,128 @@
+"""Intensity augmentation: each transform against NumPy / SciPy, and the random draws."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+from lggunet import augment, intensity
+from lggunet.intensity import IntensityParams
+
+OFF = IntensityParams(
+    **{f.name: 0.0 for f in dataclasses.fields(IntensityParams) if f.name.endswith("_p")}
+)
+
+
+def image(seed=0, shape=(24, 20, 3)):
+    return np.random.default_rng(seed).normal(0, 1, shape).astype(np.float32)
+
+
+def test_blur_matches_scipy_gaussian_filter():
+    x = image(1)
+    sigma = np.array([0.5, 0.8, 1.0], np.float32)
+    ours = intensity.gaussian_blur(jnp.asarray(x), jnp.asarray(sigma))
+    ref = np.stack(
+        [
+            ndimage.gaussian_filter(x[..., c].astype(np.float64), s, mode="nearest", radius=4)
+            for c, s in enumerate(sigma)
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_contrast_matches_numpy():
+    x = image(2)
+    f = np.array([0.75, 1.0, 1.25], np.float32)
+    mean = x.mean(axis=(0, 1))
+    ref = np.clip((x - mean) * f + mean, x.min(axis=(0, 1)), x.max(axis=(0, 1)))
+    np.testing.assert_allclose(intensity.contrast(jnp.asarray(x), jnp.asarray(f)), ref, atol=1e-5)
+
+
+def test_gamma_matches_numpy_and_keeps_mean_and_std():
+    x = image(3)
+    g = np.array([0.7, 1.0, 1.5], np.float32)
+    lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+    span = hi - lo + 1e-7
+    y = ((x - lo) / span) ** g * span + lo
+    ref = (y - y.mean(axis=(0, 1))) / (y.std(axis=(0, 1)) + 1e-8) * x.std(axis=(0, 1))
+    ref += x.mean(axis=(0, 1))
+    ours = np.asarray(intensity.gamma(jnp.asarray(x), jnp.asarray(g)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    np.testing.assert_allclose(ours.mean(axis=(0, 1)), x.mean(axis=(0, 1)), atol=1e-4)
+    np.testing.assert_allclose(ours.std(axis=(0, 1)), x.std(axis=(0, 1)), atol=1e-4)
+    assert not np.allclose(ours[..., 0], x[..., 0], atol=1e-2)  # g = 0.7 changed channel 0
+
+
+def test_replace_channel_copies_one_channel():
+    x = image(4)
+    out = np.asarray(intensity.replace_channel(jnp.asarray(x), 1, 2))
+    np.testing.assert_array_equal(out[..., 0], x[..., 0])
+    np.testing.assert_array_equal(out[..., 1], x[..., 1])
+    np.testing.assert_array_equal(out[..., 2], x[..., 1])
+
+
+def test_all_probabilities_zero_is_identity_bit_for_bit():
+    x = jnp.asarray(np.stack([image(5), image(6)]))
+    np.testing.assert_array_equal(intensity.augment_intensity(jax.random.key(0), x, OFF), x)
+
+
+def test_each_transform_applies_as_drawn():
+    """With one transform always on, `apply` equals that transform with the drawn values."""
+    x = jnp.asarray(image(7))
+    key = jax.random.key(3)
+    cases = {
+        "brightness_p": lambda t: x * t["brightness_factor"],
+        "scale_p": lambda t: x * t["scale_factor"],
+        "contrast_p": lambda t: intensity.contrast(x, t["contrast_factor"]),
+        "gamma_p": lambda t: intensity.gamma(x, t["gamma_value"]),
+        "blur_p": lambda t: intensity.gaussian_blur(x, t["sigma"]),
+        "channel_replace_p": lambda t: intensity.replace_channel(x, t["source"], t["target"]),
+    }
+    for field, expected in cases.items():
+        params = dataclasses.replace(OFF, **{field: 1.0})
+        t = intensity.draw(key, params)
+        np.testing.assert_allclose(intensity.apply(x, t), expected(t), atol=1e-6, err_msg=field)
+    t = intensity.draw(key, dataclasses.replace(OFF, noise_p=1.0))
+    residual = np.asarray(intensity.apply(x, t) - x)
+    assert abs(residual.std() - float(t["noise_std"])) < 0.1 * float(t["noise_std"]) + 1e-3
+
+
+def test_draw_frequencies_and_ranges():
+    keys = jax.random.split(jax.random.key(0), 4000)
+    t = jax.vmap(lambda k: intensity.draw(k, IntensityParams()))(keys)
+    p = IntensityParams()
+    for flag, prob in [
+        ("replace", p.channel_replace_p),
+        ("noise", p.noise_p),
+        ("blur", p.blur_p),
+        ("brightness", p.brightness_p),
+        ("scale", p.scale_p),
+        ("contrast", p.contrast_p),
+        ("gamma", p.gamma_p),
+    ]:
+        rate = float(np.mean(t[flag]))
+        assert abs(rate - prob) < 4 * np.sqrt(prob * (1 - prob) / 4000), (flag, rate)
+    assert np.all(np.asarray(t["source"]) != np.asarray(t["target"]))
+    assert set(np.unique(t["target"]).tolist()) == {0, 1, 2}
+    g = np.asarray(t["gamma_value"])
+    assert g.min() >= 0.7 and g.max() <= 1.5
+    s = np.asarray(t["sigma"])
+    assert s.min() >= 0.5 and s.max() <= 1.0
+
+
+def test_preset_adds_intensity_to_the_spatial_augmentation_and_leaves_masks_alone():
+    preset = augment.PRESETS["buda2019_intensity"]
+    assert preset.intensity == IntensityParams()
+    assert dataclasses.replace(preset, intensity=None) == augment.PRESETS["buda2019"]
+    rng = np.random.default_rng(8)
+    images = jnp.asarray(rng.normal(0, 1, (16, 16, 16, 3)).astype(np.float32))
+    masks = jnp.asarray((rng.random((16, 16, 16, 1)) > 0.7).astype(np.float32))
+    key = jax.random.key(1)
+    a_img, a_mask = augment.augment_batch(key, images, masks, augment.PRESETS["buda2019"])
+    b_img, b_mask = augment.augment_batch(key, images, masks, preset)
+    np.testing.assert_array_equal(a_mask, b_mask)  # same spatial transform, mask untouched
+    changed = np.any(np.abs(np.asarray(a_img) - np.asarray(b_img)) > 1e-6, axis=(1, 2, 3))
+    assert 0 < changed.sum() < 16  # some examples drew an intensity transform, not all
