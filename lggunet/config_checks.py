@@ -34,6 +34,8 @@ def check(config: ml_collections.ConfigDict) -> None:
             f"data.cv_folds={folds}, data.cv_fold={fold}: use cv_folds=0 (off) or >= 2, and "
             "cv_fold in [0, cv_folds) for one fold or -1 for all"
         )
+    if not folds and fold != -1:
+        raise ConfigError(f"data.cv_fold={fold} needs data.cv_folds >= 2 (cross-validation)")
     if folds and config.data.split_mode != "patient":
         raise ConfigError(
             "data.cv_folds, data.cv_fold: cross-validation splits by patient (split_mode)"
@@ -66,6 +68,14 @@ def check(config: ml_collections.ConfigDict) -> None:
     if config.augment.preset and config.augment.preset not in PRESETS:
         raise ConfigError(
             f"augment.preset={config.augment.preset!r}: choose '' or one of {sorted(PRESETS)}"
+        )
+    intensity = config.augment.get("intensity", False) or (
+        config.augment.preset and PRESETS[config.augment.preset].intensity is not None
+    )
+    if config.augment.enabled and intensity and config.data.normalize == "scale":
+        raise ConfigError(
+            "augment.intensity (or preset buda2019_intensity) works on z-scored inputs (noise, "
+            "brightness, gamma in units of the brain's std): set data.normalize='brain_zscore'"
         )
     if config.early_stopping.patience < 0:
         raise ConfigError(

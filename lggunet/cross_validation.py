@@ -16,6 +16,7 @@ are skipped, an interrupted one resumes from its checkpoint.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import inference, report, splits
+from lggunet import dataset, inference, kaggle3m, report, splits
 from lggunet.errors import ConfigError
 
 matplotlib.use("Agg")
@@ -50,10 +51,78 @@ def _folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
     return list(range(folds)) if fold < 0 else [fold]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _settings(config: ml_collections.ConfigDict) -> dict:
+    """What makes two cross-validations the same split of the same data."""
+    data = config.data
+    return {
+        "cv_folds": int(data.cv_folds),
+        "split_seed": int(data.split_seed),
+        "validation_fraction": float(tuple(data.split_fractions)[1]),
+    }
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuses, before anything is written, a workdir that holds another kind of run or a
+    cross-validation with another split."""
+    saved = inference.saved_config(workdir)
+    if saved is not None and int(saved.data.get("cv_fold", -1)) >= 0:
+        raise ConfigError(
+            f"{workdir} is fold {saved.data.cv_fold} of a cross-validation; pass its parent "
+            "folder as the workdir"
+        )
+    if (workdir / "checkpoints").is_dir():
+        raise ConfigError(
+            f"{workdir} holds a single training run (checkpoints/); cross-validate into "
+            "another workdir"
+        )
+    if saved is None:
+        return
+    before = _settings(saved) if saved.data.get("cv_folds", 0) else {"cv_folds": 0}
+    now = _settings(config)
+    if before != now:
+        differ = ", ".join(
+            f"{k} {before.get(k)} -> {now[k]}" for k in now if before.get(k) != now[k]
+        )
+        raise ConfigError(
+            f"{workdir} holds a cross-validation with other settings ({differ}); its folds "
+            "would not fit together: use another workdir"
+        )
+
+
+def _fold_record(fconfig: ml_collections.ConfigDict, seconds: float) -> dict:
+    builder = dataset.prepare(fconfig.data)  # already prepared: only opens it
+    patients = builder.info.metadata["patients"]
+    return {
+        "fold": int(fconfig.data.cv_fold),
+        **_settings(fconfig),
+        "fingerprint": builder.info.metadata["fingerprint"],
+        "num_patients": sum(len(v) for v in patients.values()),
+        "test_patients": sorted(patients["test"]),
+        "seconds": seconds,
+    }
+
+
+def _read_record(fold_dir: Path) -> dict:
+    path = fold_dir / DONE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); delete it to rescore that fold") from e
+
+
+def _check_done_fold(fconfig: ml_collections.ConfigDict, fold_dir: Path) -> None:
+    """A fold done earlier must come from the same split of the same data."""
+    record = _read_record(fold_dir)
+    expected = {**_settings(fconfig), "fold": int(fconfig.data.cv_fold)}
+    expected["fingerprint"] = kaggle3m.open_source(
+        dataset.locate_source(fconfig.data)
+    ).fingerprint()
+    differ = [k for k, v in expected.items() if record.get(k) != v]
+    if differ:
+        raise ConfigError(
+            f"{fold_dir / DONE_FILE}: that fold was made with other {', '.join(differ)} (or "
+            "other data) than this run: use another workdir"
+        )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -63,6 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
 
     config_checks.check(config)
     workdir = Path(workdir).expanduser()
+    _check_workdir(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     whole = ml_collections.ConfigDict(config.to_dict())
     whole.data.cv_fold = -1
@@ -70,19 +140,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     folds = config.data.cv_folds
     for fold in _folds_to_run(config):
         fold_dir = inference.fold_workdir(workdir, fold)
+        fconfig = fold_config(config, fold)
         if (fold_dir / DONE_FILE).exists():
+            _check_done_fold(fconfig, fold_dir)
             logging.info("Fold %d of %d: done earlier (%s)", fold, folds, fold_dir / DONE_FILE)
             continue
         logging.info("Fold %d of %d: training in %s", fold, folds, fold_dir)
         t0 = time.perf_counter()
-        fconfig = fold_config(config, fold)
         if not (fold_dir / "final_metrics.json").exists():
             train.train_and_evaluate(fconfig, str(fold_dir))
         report.evaluate_run(fconfig, fold_dir, splits=("validation", "test"))
-        _write_atomic(
-            fold_dir / DONE_FILE,
-            json.dumps({"fold": fold, "seconds": time.perf_counter() - t0}) + "\n",
-        )
+        record = _fold_record(fconfig, time.perf_counter() - t0)
+        report.write_atomic(fold_dir / DONE_FILE, json.dumps(record) + "\n")
     return write_report(workdir) if all_done(workdir, folds) else None
 
 
@@ -91,15 +160,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     test patients with `config.evaluate`'s variants, then rewrite the report."""
     workdir = Path(workdir).expanduser()
     folds = inference.cv_folds_of(workdir)
+    saved = inference.saved_config(workdir)  # the run's split, with this command's data paths
+    for key in ("manual_dir", "data_dir"):
+        if config.data.get(key):
+            saved.data[key] = config.data[key]
     for fold in range(folds):
         fold_dir = inference.fold_workdir(workdir, fold)
-        if not (fold_dir / "checkpoints").is_dir():
+        if not (fold_dir / DONE_FILE).exists():
             raise ConfigError(
-                f"{fold_dir}: fold {fold} of {folds} is not trained yet; rerun the training "
+                f"{fold_dir}: fold {fold} of {folds} is not finished; rerun the training "
                 "command to finish the cross-validation"
             )
-        fconfig = fold_config(config, fold)
-        report.evaluate_run(fconfig, fold_dir, splits=("validation", "test"))
+        _check_done_fold(fold_config(saved, fold), fold_dir)
+        report.evaluate_run(fold_config(config, fold), fold_dir, splits=("validation", "test"))
     return write_report(workdir)
 
 
@@ -148,16 +221,30 @@ def write_report(workdir: str | Path) -> dict:
     cv_volume_dice.png; returns the report."""
     workdir = Path(workdir).expanduser()
     folds = inference.cv_folds_of(workdir)
-    rows, notebook, weights = [], [], []
+    rows, notebook, weights, seen = [], [], [], set()
+    total = None
     for fold in range(folds):
         fold_dir = inference.fold_workdir(workdir, fold)
-        for r in _read_rows(fold_dir, "test"):
-            rows.append({**r, "fold": fold})
+        record = _read_record(fold_dir)
+        fold_rows = _read_rows(fold_dir, "test")
+        tested = {r["patient"] for r in fold_rows}
+        if tested != set(record["test_patients"]) or len(fold_rows) != len(tested):
+            raise ConfigError(
+                f"{fold_dir / 'report_patients.csv'}: its test patients are not fold {fold}'s "
+                f"{len(record['test_patients'])}; rescore with --mode=evaluate"
+            )
+        if tested & seen or (total is not None and record["num_patients"] != total):
+            raise ConfigError(f"{fold_dir}: its test patients overlap another fold's")
+        seen |= tested
+        total = record["num_patients"]
+        rows += [{**r, "fold": fold} for r in fold_rows]
         fold_report = json.loads((fold_dir / "report.json").read_text())
         test = fold_report["splits"]["test"]
         notebook.append(test["notebook"])
         weights.append(test["num_slices"])
-    variants = [v for v, col in VARIANT_COLUMNS.items() if rows and col in rows[0]]
+    if total is not None and len(seen) != total:
+        raise ConfigError(f"{workdir}: the folds test {len(seen)} of {total} patients")
+    variants = [v for v, col in VARIANT_COLUMNS.items() if rows and all(col in r for r in rows)]
     result = {
         "workdir": str(workdir),
         "folds": folds,
@@ -191,17 +278,16 @@ def write_report(workdir: str | Path) -> dict:
         }
     result["best_variant"] = max(variants, key=lambda v: result["variants"][v]["mean"])
     result = report._json_safe(result)
-    _write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
-    _write_atomic(workdir / "cv_report.md", markdown(result))
+    report.write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
+    report.write_atomic(workdir / "cv_report.md", markdown(result))
     fields = ["patient", "institution", "fold", "slices", "true_area"] + [
         VARIANT_COLUMNS[v] for v in variants
     ]
-    tmp = workdir / "cv_patients.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: r["patient"]))
-    os.replace(tmp, workdir / "cv_patients.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["patient"]))
+    report.write_atomic(workdir / "cv_patients.csv", table.getvalue())
     _plot(rows, workdir / "cv_volume_dice.png")
     plain = result["variants"]["plain"]
     logging.info(

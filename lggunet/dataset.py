@@ -12,7 +12,7 @@ from absl import logging
 
 from lggunet import kaggle3m, parallel, phantom
 from lggunet.datasets.lgg_mri_segmentation import LggMriSegmentation, make_config
-from lggunet.errors import DataError
+from lggunet.errors import ConfigError, DataError
 
 KAGGLE_HANDLE = "mateuszbuda/lgg-mri-segmentation"
 
@@ -100,6 +100,11 @@ def prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
 
 
 def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
+    if data_config.get("cv_folds", 0) and data_config.get("cv_fold", -1) < 0:
+        raise ConfigError(
+            f"data.cv_folds={data_config.cv_folds} with data.cv_fold=-1 (every fold) names no "
+            "single split: train with run.py or lggunet.cross_validation.run, or set cv_fold"
+        )
     source_path = locate_source(data_config)
     source = kaggle3m.open_source(source_path)
     config = make_config(
@@ -110,7 +115,7 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
         split_fractions=tuple(data_config.split_fractions),
         skip_invalid=bool(data_config.get("skip_invalid", False)),
         cv_folds=int(data_config.get("cv_folds", 0)),
-        cv_fold=max(int(data_config.get("cv_fold", 0)), 0),
+        cv_fold=int(data_config.get("cv_fold", 0)),
     )
     builder = LggMriSegmentation(
         config=config, data_dir=str(data_dir(data_config)), file_format="array_record"

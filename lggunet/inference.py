@@ -262,7 +262,13 @@ def cv_folds_of(workdir: str | Path) -> int:
 def is_cv_workdir(path: str | Path) -> bool:
     """True for the top folder of a cross-validation run (not one of its fold workdirs)."""
     path = Path(path).expanduser()
-    return path.is_dir() and not (path / "checkpoints").is_dir() and cv_folds_of(path) > 1
+    if not path.is_dir() or (path / "checkpoints").is_dir():
+        return False
+    config = saved_config(path)
+    if config is None:
+        return False
+    data = config.data
+    return int(data.get("cv_folds", 0)) > 1 and int(data.get("cv_fold", -1)) < 0
 
 
 def fold_workdir(workdir: str | Path, fold: int) -> Path:

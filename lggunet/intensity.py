@@ -5,14 +5,16 @@ augmentation, per example, each transform with its own probability (nnU-Net's de
 Isensee et al. 2021):
 
 * a channel replaced by another (p 0.1): scans whose missing modality was filled with a copy;
-* Gaussian noise (p 0.1): variance ~ U(0, 0.1);
+* Gaussian noise (p 0.1): std ~ U(0, 0.1) (batchgenerators draws its "noise_variance" and
+  uses it as the std);
 * Gaussian blur (p 0.2): sigma ~ U(0.5, 1) pixels, per channel, 'nearest' edges;
 * brightness (p 0.15): each channel times ~ U(0.75, 1.25);
 * whole-scan scaling (p 0.15): all channels times one factor ~ U(0.7, 1.3);
 * contrast (p 0.15): per channel (x - mean) * f + mean, f ~ U(0.75, 1.25), clipped to the
   channel's former range;
-* gamma (p 0.3): per channel, rescaled to [0, 1], raised to g ~ U(0.7, 1.5), mapped back and
-  given its former mean and std (nnU-Net's retain_stats).
+* gamma (p 0.3): per channel, rescaled to [0, 1], raised to g, mapped back and given its
+  former mean and std (nnU-Net's retain_stats); g ~ U(0.7, 1) or U(1, 1.5) with equal odds
+  (batchgenerators' `augment_gamma`).
 
 Each transform is a pure function of the image and its drawn parameters (tested against NumPy
 and SciPy); `augment_intensity` draws the parameters from a key and applies them. The mask
@@ -35,7 +37,7 @@ class IntensityParams:
 
     channel_replace_p: float = 0.1
     noise_p: float = 0.1
-    noise_variance: tuple[float, float] = (0.0, 0.1)
+    noise_std: tuple[float, float] = (0.0, 0.1)
     blur_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     brightness_p: float = 0.15
@@ -102,7 +104,7 @@ def gamma(image: jax.Array, g: jax.Array, eps: float = 1e-7) -> jax.Array:
 
 def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str, jax.Array]:
     """One example's random choices: an on/off flag and the parameters of each transform."""
-    k = jax.random.split(key, 16)
+    k = jax.random.split(key, 17)
     u = jax.random.uniform
 
     def on(i, p):
@@ -118,7 +120,7 @@ def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str
         "source": source,
         "target": target,
         "noise": on(1, params.noise_p),
-        "noise_std": jnp.sqrt(rng(4, params.noise_variance)),
+        "noise_std": rng(4, params.noise_std),
         "blur": on(5, params.blur_p),
         "sigma": rng(6, params.blur_sigma, (channels,)),
         "brightness": on(7, params.brightness_p),
@@ -128,9 +130,20 @@ def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str
         "contrast": on(11, params.contrast_p),
         "contrast_factor": rng(12, params.contrast_range, (channels,)),
         "gamma": on(13, params.gamma_p),
-        "gamma_value": rng(14, params.gamma_range, (channels,)),
+        "gamma_value": _gamma_values(k[14], k[16], params.gamma_range, channels),
         "noise_key": k[15],
     }
+
+
+def _gamma_values(key, side_key, bounds: tuple[float, float], channels: int) -> jax.Array:
+    """Per channel g: below 1 or above 1 with equal odds, uniform within that side (when the
+    range spans 1), as batchgenerators' augment_gamma."""
+    lo, hi = bounds
+    below = jax.random.uniform(side_key, (channels,)) < 0.5
+    u = jax.random.uniform(key, (channels,))
+    if not lo < 1 < hi:
+        return lo + u * (hi - lo)
+    return jnp.where(below, lo + u * (1 - lo), 1 + u * (hi - 1))
 
 
 def apply(image: jax.Array, t: dict[str, jax.Array]) -> jax.Array:

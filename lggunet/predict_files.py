@@ -257,6 +257,7 @@ def predict_path(
                     ),
                 )
             except OSError as e:
+                overlap["complete"] = False  # its area is not counted below: no Dice
                 message = f"{mask_path}: cannot write ({e})"
                 result.failures.append(message)
                 logging.error("%s", message)

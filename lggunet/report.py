@@ -10,7 +10,9 @@ computed follows `config.evaluate`. Everything is scored at the data's 256x256 r
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -248,6 +250,14 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`: a reader
+    sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _json_safe(x):
     if isinstance(x, dict):
         return {k: _json_safe(v) for k, v in x.items()}
@@ -326,15 +336,18 @@ def evaluate_run(
         )
     pictures.append(_box_plot(rows_by_split, workdir / "report_volume_dice.png"))
     report = _json_safe(report)
-    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (workdir / "report.md").write_text(_markdown(report))
     fields = ["patient", "institution", "split", "slices", "dice", "true_area", "pred_area"]
     all_rows = [r for rows in rows_by_split.values() for r in rows]
     extra = sorted({k for r in all_rows for k in r} - set(fields))
-    with (workdir / "report_patients.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields + extra)
-        writer.writeheader()
-        writer.writerows(all_rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields + extra)
+    writer.writeheader()
+    writer.writerows(all_rows)
+    # The CSV first and report.json last: a crash in between leaves the old report.json, and
+    # cross-validation checks the CSV's patients against it.
+    write_atomic(workdir / "report_patients.csv", table.getvalue())
+    write_atomic(workdir / "report.md", _markdown(report))
+    write_atomic(workdir / "report.json", json.dumps(report, indent=2) + "\n")
     logging.info(
         "Wrote %s, report.md, report_patients.csv and %d pictures",
         workdir / "report.json",

@@ -77,14 +77,22 @@ def _interleaved_by_institution(patients: Sequence[str], rng: np.random.Generato
 
 
 def cv_folds(patient_ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:
-    """Patient id -> fold in [0, folds), stratified by institution: the patients, interleaved
-    by institution, are dealt to the folds in turn, so every fold gets a near-equal share of
-    every institution. Deterministic in (set of patients, folds, seed)."""
+    """Patient id -> fold in [0, folds), stratified by institution: the patients, shuffled
+    within each institution and listed one institution after another, are dealt to the folds
+    in turn, so every fold gets a near-equal share (within one) of every institution and of
+    the whole. Deterministic in (set of patients, folds, seed)."""
     patients = sorted(set(patient_ids))
     if folds < 2 or folds > len(patients):
         raise ConfigError(f"{len(patients)} patients cannot make {folds} folds (need 2..N)")
-    order = _interleaved_by_institution(patients, np.random.default_rng([seed, folds]))
-    return {p: i % folds for i, p in enumerate(order)}
+    rng = np.random.default_rng([seed, folds])
+    groups: dict[str, list[str]] = {}
+    for p in patients:
+        groups.setdefault(institution_of(p), []).append(p)
+    order = []
+    for name in sorted(groups):
+        order += [groups[name][i] for i in rng.permutation(len(groups[name]))]
+    offset = int(rng.integers(folds))  # which fold the first patient goes to
+    return {p: (i + offset) % folds for i, p in enumerate(order)}
 
 
 def split_cross_validation(

@@ -154,11 +154,15 @@ class StepOptions:
 
 
 def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
-    """The config's augmentation: a named preset, or the Keras-style fields; None if off."""
+    """The config's augmentation: a named preset (plus the intensity transforms when
+    `augment.intensity` is set), or the Keras-style fields; None if off."""
     if not config.augment.enabled:
         return None
     if config.augment.preset:
-        return augment_lib.PRESETS[config.augment.preset]
+        params = augment_lib.PRESETS[config.augment.preset]
+        if config.augment.get("intensity", False) and params.intensity is None:
+            params = dataclasses.replace(params, intensity=augment_lib.IntensityParams())
+        return params
     return augment_lib.AugmentParams.from_config(config.augment)
 
 
@@ -438,6 +442,16 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
     log = _Log()
     main = parallel.is_main_process()
     workdir_path = Path(workdir).expanduser()
+    if config.data.get("cv_folds", 0) and config.data.cv_fold < 0:
+        raise config_checks.ConfigError(
+            "data.cv_fold=-1 means every fold: run them with run.py (or "
+            "lggunet.cross_validation.run), or set data.cv_fold to one fold"
+        )
+    if inference.is_cv_workdir(workdir_path):
+        raise config_checks.ConfigError(
+            f"{workdir_path} holds a cross-validation run (its folds are fold_<k>/): train it "
+            "with the same data.cv_folds, or use another workdir"
+        )
     workdir_path.mkdir(parents=True, exist_ok=True)
     if main:
         inference.save_config(config, workdir_path)  # load_model and --mode=predict read it

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from lggunet import config_checks, cross_validation, dataset, inference, predict_files
+from lggunet import config_checks, cross_validation, dataset, inference, predict_files, train
 from lggunet.errors import ConfigError
 
 
@@ -77,6 +77,31 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
         tmp_path / "out" / folder.name / "TCGA_XX_0001_20000101_2_pred_mask.tif"
     )
     np.testing.assert_array_equal(written, (ensemble(images[1]) > 0.5) * 255)
+
+    # Misuse is refused before anything is written, with a line that says what to do.
+    changed = cross_validation.fold_config(cv_config, -1)
+    changed.data.cv_folds = 3
+    with pytest.raises(ConfigError, match="cv_folds 2 -> 3"):
+        cross_validation.run(changed, workdir)
+    with pytest.raises(ConfigError, match="fold 0 of a cross-validation"):
+        cross_validation.run(cv_config, workdir / "fold_0")
+    plain = cross_validation.fold_config(cv_config, -1)
+    plain.data.cv_folds = 0
+    with pytest.raises(ConfigError, match="holds a cross-validation run"):
+        train.train_and_evaluate(plain, str(workdir))
+    with pytest.raises(ConfigError, match="cv_fold=-1 means every fold"):
+        train.train_and_evaluate(cv_config, str(tmp_path / "elsewhere"))
+    assert json.loads((workdir / "config.json").read_text())["data"]["cv_folds"] == 2
+
+    # A fold's per-patient table that lost a row is caught, not averaged over fewer patients.
+    table = workdir / "fold_0" / "report_patients.csv"
+    kept = table.read_text()
+    lines = kept.splitlines(keepends=True)
+    test_line = next(i for i, line in enumerate(lines) if ",test," in line)
+    table.write_text("".join(lines[:test_line] + lines[test_line + 1 :]))
+    with pytest.raises(ConfigError, match="not fold 0's"):
+        cross_validation.write_report(workdir)
+    table.write_text(kept)
 
     # A fold without checkpoints (unfinished) stops the ensemble with a clear message; the
     # other fold still loads on its own.

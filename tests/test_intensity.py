@@ -54,6 +54,7 @@ def test_gamma_matches_numpy_and_keeps_mean_and_std():
     np.testing.assert_allclose(ours.mean(axis=(0, 1)), x.mean(axis=(0, 1)), atol=1e-4)
     np.testing.assert_allclose(ours.std(axis=(0, 1)), x.std(axis=(0, 1)), atol=1e-4)
     assert not np.allclose(ours[..., 0], x[..., 0], atol=1e-2)  # g = 0.7 changed channel 0
+    np.testing.assert_allclose(ours[..., 1], x[..., 1], atol=1e-4)  # g = 1 is the identity
 
 
 def test_replace_channel_copies_one_channel():
@@ -109,6 +110,9 @@ def test_draw_frequencies_and_ranges():
     assert set(np.unique(t["target"]).tolist()) == {0, 1, 2}
     g = np.asarray(t["gamma_value"])
     assert g.min() >= 0.7 and g.max() <= 1.5
+    assert abs(float(np.mean(g < 1)) - 0.5) < 0.02  # below 1 half the time (batchgenerators)
+    n = np.asarray(t["noise_std"])
+    assert n.min() >= 0 and n.max() <= 0.1
     s = np.asarray(t["sigma"])
     assert s.min() >= 0.5 and s.max() <= 1.0
 

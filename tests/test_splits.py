@@ -44,18 +44,25 @@ def mixed_patients():
     return [f"TCGA_{inst}_{i:04d}" for inst, n in counts.items() for i in range(n)]
 
 
-def test_cv_folds_partition_patients_and_stratify_by_institution():
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 10])
+@pytest.mark.parametrize("seed", range(6))
+def test_cv_folds_partition_patients_and_stratify_by_institution(k, seed):
     patients = mixed_patients()
-    folds = splits.cv_folds(patients, 5, seed=0)
-    assert sorted(folds) == sorted(patients) and set(folds.values()) == set(range(5))
-    sizes = [list(folds.values()).count(k) for k in range(5)]
-    assert max(sizes) - min(sizes) <= 1  # 49 patients: 10, 10, 10, 10, 9
+    folds = splits.cv_folds(patients, k, seed=seed)
+    assert sorted(folds) == sorted(patients) and set(folds.values()) == set(range(k))
+    sizes = [list(folds.values()).count(f) for f in range(k)]
+    assert max(sizes) - min(sizes) <= 1  # e.g. 49 patients in 5 folds: 10, 10, 10, 10, 9
     for inst in ("CS", "DU", "FG", "HT"):
         per_fold = [
-            sum(1 for p, f in folds.items() if f == k and splits.institution_of(p) == inst)
-            for k in range(5)
+            sum(1 for p, f in folds.items() if f == fold and splits.institution_of(p) == inst)
+            for fold in range(k)
         ]
         assert max(per_fold) - min(per_fold) <= 1, (inst, per_fold)
+
+
+def test_cv_folds_are_deterministic_and_seeded():
+    patients = mixed_patients()
+    folds = splits.cv_folds(patients, 5, seed=0)
     assert folds == splits.cv_folds(list(reversed(patients)), 5, seed=0)
     assert folds != splits.cv_folds(patients, 5, seed=1)
 
