@@ -4,7 +4,9 @@ Applied to the normalised network input (z-scored brain: mean 0, std 1), after t
 augmentation, per example, each transform with its own probability (nnU-Net's defaults,
 Isensee et al. 2021):
 
-* a channel replaced by another (p 0.1): scans whose missing modality was filled with a copy;
+* a channel replaced by another (p 0.1), or every channel by one (p 0.1): scans whose missing
+  modalities were filled with copies (4 of the 49 shared patients carry FLAIR, or one
+  sequence, in all three channels);
 * Gaussian noise (p 0.1): std ~ U(0, 0.1) (batchgenerators draws its "noise_variance" and
   uses it as the std);
 * Gaussian blur (p 0.2): sigma ~ U(0.5, 1) pixels, per channel, 'nearest' edges;
@@ -36,6 +38,7 @@ class IntensityParams:
     """Probabilities and ranges of the intensity transforms (see the module docstring)."""
 
     channel_replace_p: float = 0.1
+    single_channel_p: float = 0.1
     noise_p: float = 0.1
     noise_std: tuple[float, float] = (0.0, 0.1)
     blur_p: float = 0.2
@@ -54,6 +57,11 @@ def replace_channel(image: jax.Array, source: jax.Array, target: jax.Array) -> j
     """Channel `target` of an (H, W, C) image becomes a copy of channel `source`."""
     channels = jnp.arange(image.shape[-1])
     return jnp.where(channels == target, image[..., source][..., None], image)
+
+
+def single_channel(image: jax.Array, source: jax.Array) -> jax.Array:
+    """Every channel of an (H, W, C) image becomes a copy of channel `source`."""
+    return jnp.broadcast_to(image[..., source][..., None], image.shape)
 
 
 def gaussian_kernel(sigma: jax.Array) -> jax.Array:
@@ -104,7 +112,7 @@ def gamma(image: jax.Array, g: jax.Array, eps: float = 1e-7) -> jax.Array:
 
 def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str, jax.Array]:
     """One example's random choices: an on/off flag and the parameters of each transform."""
-    k = jax.random.split(key, 17)
+    k = jax.random.split(key, 19)
     u = jax.random.uniform
 
     def on(i, p):
@@ -119,6 +127,8 @@ def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str
         "replace": on(0, params.channel_replace_p),
         "source": source,
         "target": target,
+        "single": on(17, params.single_channel_p),
+        "single_source": jax.random.randint(k[18], (), 0, channels),
         "noise": on(1, params.noise_p),
         "noise_std": rng(4, params.noise_std),
         "blur": on(5, params.blur_p),
@@ -149,6 +159,7 @@ def _gamma_values(key, side_key, bounds: tuple[float, float], channels: int) -> 
 def apply(image: jax.Array, t: dict[str, jax.Array]) -> jax.Array:
     """The transforms of `draw`'s result `t`, in nnU-Net's order, on one (H, W, C) image."""
     x = jnp.where(t["replace"], replace_channel(image, t["source"], t["target"]), image)
+    x = jnp.where(t["single"], single_channel(x, t["single_source"]), x)
     noise = jax.random.normal(t["noise_key"], x.shape) * t["noise_std"]
     x = jnp.where(t["noise"], x + noise, x)
     x = jnp.where(t["blur"], gaussian_blur(x, t["sigma"]), x)

@@ -65,6 +65,13 @@ def test_replace_channel_copies_one_channel():
     np.testing.assert_array_equal(out[..., 2], x[..., 1])
 
 
+def test_single_channel_copies_one_channel_everywhere():
+    x = image(9)
+    out = np.asarray(intensity.single_channel(jnp.asarray(x), 1))
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], x[..., 1])
+
+
 def test_all_probabilities_zero_is_identity_bit_for_bit():
     x = jnp.asarray(np.stack([image(5), image(6)]))
     np.testing.assert_array_equal(intensity.augment_intensity(jax.random.key(0), x, OFF), x)
@@ -81,6 +88,7 @@ def test_each_transform_applies_as_drawn():
         "gamma_p": lambda t: intensity.gamma(x, t["gamma_value"]),
         "blur_p": lambda t: intensity.gaussian_blur(x, t["sigma"]),
         "channel_replace_p": lambda t: intensity.replace_channel(x, t["source"], t["target"]),
+        "single_channel_p": lambda t: jnp.repeat(x[..., t["single_source"]][..., None], 3, -1),
     }
     for field, expected in cases.items():
         params = dataclasses.replace(OFF, **{field: 1.0})
@@ -97,6 +105,7 @@ def test_draw_frequencies_and_ranges():
     p = IntensityParams()
     for flag, prob in [
         ("replace", p.channel_replace_p),
+        ("single", p.single_channel_p),
         ("noise", p.noise_p),
         ("blur", p.blur_p),
         ("brightness", p.brightness_p),
