@@ -78,7 +78,8 @@ def main() -> None:
         tmp = Path(tmp)
         train = timed(
             [python, "run.py", f"--config={args.config}", f"--config.data.manual_dir={manual}",
-             f"--config.num_epochs={args.train_epochs}", f"--workdir={tmp / 'train'}"],
+             f"--config.num_epochs={args.train_epochs}", "--config.data.cv_folds=0",
+             f"--workdir={tmp / 'train'}"],
             tmp / "train.log",
         )  # fmt: skip
         rates = re.findall(r"\| ([\d.]+) images/s", train["log"])

@@ -3,6 +3,7 @@ that never saw it, the report agrees with its own CSV, reruns resume, the folds 
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -93,6 +94,12 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
         train.train_and_evaluate(cv_config, str(tmp_path / "elsewhere"))
     assert json.loads((workdir / "config.json").read_text())["data"]["cv_folds"] == 2
 
+    # Data that changed since a fold was done (a slice rewritten: new stamp) is refused.
+    source = next((tmp_path / "tfds" / "lgg_phantom").glob("*/kaggle_3m/*/*_1.tif"))
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match="made with other fingerprint"):
+        cross_validation.run(cv_config, workdir)
+
     # A fold's per-patient table that lost a row is caught, not averaged over fewer patients.
     table = workdir / "fold_0" / "report_patients.csv"
     kept = table.read_text()
@@ -131,3 +138,12 @@ def test_bootstrap_interval_matches_a_direct_resampling():
     assert cross_validation.is_a_series("TCGA_DU_A5TP") and not cross_validation.is_a_series(
         "TCGA_DU_5849"
     )
+
+
+def test_intensity_augmentation_needs_z_scored_input(cv_config):
+    cv_config.augment.preset = "buda2019_intensity"
+    cv_config.data.normalize = "scale"
+    with pytest.raises(ConfigError, match="z-scored"):
+        config_checks.check(cv_config)
+    cv_config.data.normalize = "brain_zscore"
+    config_checks.check(cv_config)
