@@ -146,10 +146,6 @@ class Ensemble:
         if not self.members:
             raise ConfigError("an ensemble needs at least one model")
 
-    @property
-    def tta(self) -> bool:
-        return all(m.tta for m in self.members)
-
     def __call__(self, images, volume_mean=None, volume_std=None, brain_stats=None) -> np.ndarray:
         """Mean p(tumour) of the members, shaped as `Model.__call__`'s."""
         total = None
