@@ -6,20 +6,17 @@ float32 and bfloat16, and the wall time that implies for one epoch of the full d
 
 The step is lggunet's real train step (augmentation included, as configs/unet.py sets it),
 jit-compiled over all local devices, on a synthetic batch held on the device (the input
-pipeline is measured by bench/loader.py). FLOPs come from XLA's cost analysis of the compiled
-step (forward, backward and Adam); MFU = FLOPs / step time / the chip's dense peak for that
+pipeline is measured by bench/loader.py). FLOPs are counted from the step's jaxpr: 2 x output
+elements x contraction length summed over every convolution and matrix product of the forward
+and backward pass (bench/gpu.py's model_flops; XLA's compiled cost analysis reports -1 for cuDNN
+convolutions on GPU); MFU = FLOPs / step time / the chip's dense peak for that
 dtype (bf16 tensor cores for bfloat16, TF32 tensor cores for float32: XLA's default precision
 for float32 convolutions on NVIDIA GPUs). One epoch = ceil(3143 / batch) steps, the
 notebook's training split of the 3,929 slices.
 
-On a lent device (see /work/.library/device/README.md; none was lent to the task that wrote
-this script, so it has run only with --smoke on a CPU): the device image has jax[cuda], flax,
-optax, orbax and tifffile; carry wheels for ml-collections, tensorflow-datasets, grain,
-array-record, etils, dm-pix and tensorboardX (pip download, as that README shows), and for the
-real-data run a zip of kaggle_3m (the builder reads the Kaggle zip in place), then:
-
-    python bench/gpu.py --write
-    python run.py --config=configs/unet.py --config.data.manual_dir=lgg.zip --workdir=$OUT/run
+On a lent device run it through bench/device_check.sh, whose header lists the wheels to
+carry (the device image lacks tensorflow-datasets, grain, array-record, ml-collections and
+tensorboardX). Figures from an H100: BENCHMARKS.md.
 
 Prints a Markdown table; --write appends it to BENCHMARKS.md.
 """
@@ -55,6 +52,40 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # ClosedJaxpr
+                yield v.jaxpr
+            elif hasattr(v, "eqns"):  # Jaxpr
+                yield v
+
+
+def model_flops(jaxpr) -> float:
+    """FLOPs of the convolutions and matrix products in a jaxpr, nested ones included:
+    sum of 2 x output elements x contraction length (for a convolution, kernel elements / output
+    features; for dot_general, the contracted lhs dimensions). Elementwise work (BN, ReLU, Adam)
+    is not counted, as is usual for MFU. Backend-independent: XLA's compiled cost analysis
+    reports -1 for cuDNN convolutions on GPU."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            contraction = math.prod(rhs) / rhs[out_dim]
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contraction
+        elif name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            contraction = math.prod(lhs[d] for d in lhs_contract)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contraction
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for sub in _subjaxprs(eqn):
+            total += times * model_flops(sub)
+    return total
+
+
 def measure(config, steps: int) -> dict:
     """Compiles and times the train step for `config` on a synthetic, device-resident batch."""
     import jax
@@ -69,9 +100,7 @@ def measure(config, steps: int) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_arrays, rng).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = model_flops(jax.make_jaxpr(step)(state, batch_arrays, rng).jaxpr)
     for _ in range(3):  # warm-up
         state, out = compiled(state, batch_arrays, rng)
     jax.block_until_ready((state, out))
