@@ -381,7 +381,7 @@ def _plot(rows: list[dict], out_png: Path) -> None:
     ax.set_title("cross-validation: every patient scored by the model that never saw it")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    tmp = out_png.with_name(f".{out_png.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out_png)

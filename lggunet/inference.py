@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,9 @@ CONFIG_FILE = "config.json"
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Writes the run's config next to its checkpoints (load_model reads it)."""
     path = Path(workdir) / CONFIG_FILE
-    tmp = path.with_suffix(".json.tmp")
+    # A temporary name of this process and thread: folds of one cross-validation trained side
+    # by side (data.cv_fold=k) all write the workdir's config.json.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
     tmp.replace(path)
     return path

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -252,8 +253,9 @@ def _markdown(report: dict) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Writes `text` to a temporary file beside `path`, then renames it over `path`: a reader
-    sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    sees the old file or the new one, never half of one. The temporary name is this process's
+    and thread's, so that writers side by side (folds of one cross-validation) never share it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
