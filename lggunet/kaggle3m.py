@@ -365,3 +365,20 @@ def volume_statistics(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     (the `zscore_volume` normalisation's statistics)."""
     volume = np.concatenate([np.asarray(x).reshape(-1, 3) for x in images]).astype(np.float64)
     return volume.mean(axis=0).astype(np.float32), volume.std(axis=0).astype(np.float32)
+
+
+CHANNEL_NAMES = ("pre-contrast", "FLAIR", "post-contrast")
+
+
+def copied_channels(images: Sequence[np.ndarray]) -> str:
+    """Which channels of one patient's slices hold the very same image, as where a missing
+    modality was filled with a copy of another: "" when all three differ, e.g.
+    "FLAIR=post-contrast" for two, "all three" for one image in every channel. Such scans were
+    segmented less well in cross-validation (RESULTS.md)."""
+    volume = np.stack([np.asarray(x) for x in images]).reshape(-1, 3)
+    same = [
+        (i, j) for i, j in ((0, 1), (1, 2), (0, 2)) if np.array_equal(volume[:, i], volume[:, j])
+    ]
+    if len(same) >= 2:
+        return "all three"
+    return "=".join(CHANNEL_NAMES[k] for k in same[0]) if same else ""

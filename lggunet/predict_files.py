@@ -215,6 +215,7 @@ def predict_path(
         # The volume's statistics, whichever normalisation the model (or each member) uses.
         mean, std = kaggle3m.volume_statistics(arrays)
         brain = normalization.brain_statistics(arrays)
+        copied = kaggle3m.copied_channels(arrays) if same_shape(arrays) else ""
         preds: list = [None] * len(arrays)
         by_shape: dict[tuple, list[int]] = {}
         for i, a in enumerate(arrays):  # slices may differ in size: predict each size at once
@@ -277,8 +278,16 @@ def predict_path(
                 "slices_with_tumour": tumour_slices,
                 "tumour_area_pixels": area,
                 **_volume_dice(overlap, area, len(loaded) == len(items)),
+                "copied_channels": copied,
             }
         )
+        if copied:
+            logging.warning(
+                "%s: channels %s hold the same image (a modality missing and copied); such "
+                "scans were segmented less well in cross-validation: check its masks",
+                patient,
+                copied,
+            )
         logging.info(
             "%s: %d slices, %d with tumour (%d/%d images done)",
             patient,
@@ -289,7 +298,7 @@ def predict_path(
         )
     output.mkdir(parents=True, exist_ok=True)
     fields = ["patient", "folder", "slices", "slices_with_tumour", "tumour_area_pixels"]
-    fields += ["true_area_pixels", "dice"]
+    fields += ["true_area_pixels", "dice", "copied_channels"]
 
     def write_csv(p):
         with open(p, "w", newline="") as f:
@@ -299,6 +308,10 @@ def predict_path(
 
     _write_atomic(output / "volumes.csv", write_csv)
     return result
+
+
+def same_shape(arrays: list[np.ndarray]) -> bool:
+    return len({a.shape for a in arrays}) == 1
 
 
 def _volume_dice(overlap: dict, pred_area: int, all_read: bool) -> dict:

@@ -208,3 +208,31 @@ def test_flat_folder_of_two_patients_and_macos_litter(trained, tmp_path):
         ("TCGA_XX_0006_20000101", "2"),
     ]
     assert all(r["dice"] == "" and r["true_area_pixels"] == "" for r in rows)  # no truth
+
+
+def test_copied_channels_named_per_patient(trained, tmp_path):
+    """A modality missing and filled with a copy (4 of the 49 shared patients carry one image
+    in all three channels) is named in volumes.csv and warned about; distinct channels are not."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (2, 256, 256), dtype=np.uint8)
+    other = rng.integers(0, 256, (2, 256, 256), dtype=np.uint8)
+    third = rng.integers(0, 256, (2, 256, 256), dtype=np.uint8)
+    volumes = {
+        "TCGA_XX_0001_20000101": np.stack([base, base, base], -1),
+        "TCGA_XX_0002_20000101": np.stack([other, base, base], -1),  # FLAIR = post-contrast
+        "TCGA_XX_0003_20000101": np.stack([base, other, third], -1),
+    }
+    for name, slices in volumes.items():
+        (tmp_path / "in" / name).mkdir(parents=True)
+        for i, image in enumerate(slices, 1):
+            tifffile.imwrite(tmp_path / "in" / name / f"{name}_{i}.tif", image, photometric="rgb")
+    result = predict_cli(trained, tmp_path / "in", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["patient"]: r["copied_channels"] for r in read_csv(tmp_path / "out" / "volumes.csv")}
+    assert rows == {
+        "TCGA_XX_0001_20000101": "all three",
+        "TCGA_XX_0002_20000101": "FLAIR=post-contrast",
+        "TCGA_XX_0003_20000101": "",
+    }
+    assert "TCGA_XX_0001_20000101: channels all three hold the same image" in result.stderr
+    assert "TCGA_XX_0003_20000101: channels" not in result.stderr
