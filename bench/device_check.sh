@@ -24,6 +24,7 @@
 # (input pipeline, host syncs, checkpoints and evaluation included).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}
+failed=""
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -39,11 +40,14 @@ print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', 
       'tfds', tfds.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
 
-timeout 240 python3 bench/gpu.py --steps=30 2>&1 | tee "$OUT/gpu.txt"
+timeout 240 python3 bench/gpu.py --steps=30 2>&1 | tee "$OUT/gpu.txt" || failed="$failed gpu.py"
 
+rm -rf /tmp/run_unet  # a rerun on a warm machine would resume the finished run, not time one
 timeout 300 python3 run.py --config=configs/unet.py --config.data.phantom=True \
   --config.data.phantom_patients=40 --config.data.phantom_slices=40 \
   --config.data.data_dir=/tmp/tfds --config.num_epochs=4 --workdir=/tmp/run_unet \
-  2>&1 | tee "$OUT/train_unet_phantom.log" | grep -E "step |epoch|Dice|images/s|Error|error" | tail -40
+  > "$OUT/train_unet_phantom.log" 2>&1 || failed="$failed run.py"
+grep -E "step |epoch|Dice|images/s|Error|error" "$OUT/train_unet_phantom.log" | tail -40
 cp /tmp/run_unet/metrics.jsonl "$OUT/" 2>/dev/null || true
+if [ -n "$failed" ]; then echo "device_check FAILED:$failed"; exit 1; fi
 echo "device_check done"

@@ -8,11 +8,13 @@ Each NAME=OVERRIDES is `run.py --config=configs/cpu.py OVERRIDES` cross-validate
 command is (--folds, default 5, as configs/cpu.py), fold k trained by
 `--config.data.cv_fold=k --workdir=RUNS/NAME`: the same files and report as one sequential
 run. Overrides must leave the split alone (cv_folds, split_seed, split_fractions): every
-variant shares the k prepared fold data sets, built first, one process per fold. When a
-variant's folds are done, `run.py` without cv_fold writes its cv_report (finished folds are
-skipped) and one JSON line of its per-volume Dice (mean, median, 95% CI, missed, per variant
-of TTA / largest component) goes to OUT/cv.jsonl; OUT/cv.tgz then holds each variant's
-cv_report.json/md, cv_patients.csv and every fold's metrics, report and log.
+variant shares the k prepared fold data sets, built first, one process per fold. As soon as
+a variant's last fold is done, `run.py` without cv_fold writes its cv_report (its finished folds
+are skipped), one JSON line of its per-volume Dice (mean, median, 95% CI, missed, per fold, for
+each of plain / TTA / largest component) goes to OUT/cv.jsonl, and OUT/<NAME>.tgz gets its
+cv_report.json/md, cv_patients.csv and every fold's metrics, report and log: a call cut off by
+its time limit keeps the variants already finished. Name at most 6 variants (8 files come
+back from a call).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +65,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=10)
     ap.add_argument("variants", nargs="+", help="NAME=OVERRIDES")
     args = ap.parse_args()
+    if any("=" not in v for v in args.variants) or len(args.variants) > 6:
+        ap.error("expected 1 to 6 NAME=OVERRIDES")
     variants = [v.split("=", 1) for v in args.variants]
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,44 +83,62 @@ def main() -> None:
     if any(codes):
         sys.exit(f"preparing failed: see {runs}/prepare_*.log")
 
-    def train(job: tuple[str, str, int]) -> tuple[str, int, int]:
+    def train(job: tuple[str, str, int]) -> int:
         name, overrides, fold = job
         cmd = [sys.executable, "run.py", *base_flags(args), *shlex.split(overrides)]
         cmd += [f"--config.data.cv_fold={fold}", f"--workdir={runs / name}"]
         code = run_logged(cmd, runs / f"{name}_fold{fold}.log")
         sys.stdout.write(f"{name} fold {fold}: exit {code} at {time.time() - t0:.0f} s\n")
         sys.stdout.flush()
-        return name, fold, code
+        return code
 
-    jobs = [(n, o, k) for k in range(args.folds) for n, o in variants]
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(train, jobs))
-    with tarfile.open(out / "cv.tgz", "w:gz") as tar:
-        for name, overrides in variants:
-            if any(code for n, _, code in results if n == name):
-                continue
-            cmd = [sys.executable, "run.py", *base_flags(args), *shlex.split(overrides)]
-            run_logged(cmd + [f"--workdir={runs / name}"], runs / f"{name}_report.log")
-            report_path = runs / name / "cv_report.json"
-            if not report_path.exists():
-                print(f"{name}: no cv_report.json (see {runs / name}_report.log)")
-                continue
+    def finish(name: str, overrides: str) -> None:
+        """The variant's cv_report (run.py skips its finished folds), one line in cv.jsonl and
+        its files in OUT/<NAME>.tgz, as soon as its last fold is done."""
+        cmd = [sys.executable, "run.py", *base_flags(args), *shlex.split(overrides)]
+        code = run_logged(cmd + [f"--workdir={runs / name}"], runs / f"{name}_report.log")
+        report_path = runs / name / "cv_report.json"
+        fresh = report_path.exists() and report_path.stat().st_mtime >= t0
+        if code or not fresh:
+            row = {"run": name, "error": f"no cv_report (exit {code}): see {name}_report.log"}
+        else:
             cv = json.loads(report_path.read_text())
             row = {"run": name, "overrides": overrides, "patients": cv["patients"]}
             for v, e in cv["variants"].items():
                 row[v] = {k: e[k] for k in ("mean", "median", "ci95", "missed", "per_fold")}
-            with (out / "cv.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-            for f in ("cv_report.json", "cv_report.md", "cv_patients.csv"):
-                tar.add(runs / name / f, arcname=f"{name}/{f}")
-            for k in range(args.folds):
-                for f in ("metrics.jsonl", "report.json", "report_patients.csv"):
-                    path = runs / name / f"fold_{k}" / f
-                    if path.exists():
-                        tar.add(path, arcname=f"{name}/fold_{k}/{f}")
-        for log in sorted(runs.glob("*.log")):
-            tar.add(log, arcname=f"logs/{log.name}")
+        with lock, (out / "cv.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:
+            wanted = ["cv_report.json", "cv_report.md", "cv_patients.csv"] + [
+                f"fold_{k}/{f}"
+                for k in range(args.folds)
+                for f in ("metrics.jsonl", "report.json", "report_patients.csv")
+            ]
+            for rel in wanted:
+                if (runs / name / rel).exists():
+                    tar.add(runs / name / rel, arcname=f"{name}/{rel}")
+            for log in sorted(runs.glob(f"{name}_*.log")):
+                tar.add(log, arcname=f"{name}/logs/{log.name}")
+
+    lock = threading.Lock()
+    pending = {name: args.folds for name, _ in variants}
+    failed: set[str] = set()
+    jobs = [(n, o, k) for n, o in variants for k in range(args.folds)]
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        futures = {pool.submit(train, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            name, overrides, _ = futures[future]
+            pending[name] -= 1
+            if future.result():
+                failed.add(name)
+            if pending[name] == 0 and name not in failed:
+                finish(name, overrides)
+            elif pending[name] == 0:
+                row = {"run": name, "error": f"a fold failed: see {name}_fold<k>.log"}
+                with (out / "cv.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
     print(f"cross-validation done in {time.time() - t0:.0f} s", flush=True)
 
 

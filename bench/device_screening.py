@@ -75,7 +75,8 @@ def run_variant(name: str, overrides: str, args) -> dict:
     train = subprocess.run(cmd + shlex.split(overrides), cwd=REPO, env=env, stdout=log, stderr=log)
     train_s = time.time() - t0
     if train.returncode:
-        return {"run": name, "overrides": overrides, "error": f"train exit {train.returncode}"}
+        error = f"train exit {train.returncode}"
+        return _record({"run": name, "overrides": overrides, "error": error}, args)
     code = (
         "import sys; from lggunet import inference, report; "
         "wd = sys.argv[1]; r = report.evaluate_run(inference.saved_config(wd), wd, "
@@ -94,6 +95,11 @@ def run_variant(name: str, overrides: str, args) -> dict:
     line = [x for x in ev.stdout.splitlines() if x.startswith("SCORES ")]
     row = {"run": name, "overrides": overrides, "train_s": round(train_s, 1)}
     row.update(json.loads(line[0][7:]) if line else {"error": f"evaluate exit {ev.returncode}"})
+    return _record(row, args)
+
+
+def _record(row: dict, args) -> dict:
+    """Appends one result line to OUT/screening.jsonl (a cut-off call keeps the finished runs)."""
     with (Path(args.out) / "screening.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -107,6 +113,9 @@ def ensemble_scores(name: str, members: list[str], args) -> dict:
     from lggunet import dataset, inference, report
 
     workdirs = [Path(args.runs) / m for m in members]
+    missing = [w.name for w in workdirs if not (w / "report.json").exists()]
+    if missing:
+        return _record({"run": name, "error": f"members not finished: {missing}"}, args)
     config = inference.saved_config(workdirs[0])
     model = inference.Ensemble([inference.load_model(w) for w in workdirs])
     source = dataset.prepare(config.data).as_data_source()["validation"]
@@ -115,10 +124,7 @@ def ensemble_scores(name: str, members: list[str], args) -> dict:
     row = {"run": name, "overrides": "ensemble of " + ",".join(members)}
     for variant, v in scores.items():
         row[variant] = [v["volume_dice"]["mean"], v["volume_dice"]["median"]]
-    with (Path(args.out) / "screening.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row), flush=True)
-    return row
+    return _record(row, args)
 
 
 def main() -> None:
@@ -133,6 +139,9 @@ def main() -> None:
     ap.add_argument("--ensemble", action="append", default=[], help="NAME=RUN,RUN,... (after)")
     ap.add_argument("variants", nargs="+", help="NAME=OVERRIDES")
     args = ap.parse_args()
+    bad = [v for v in args.variants + [e for e in args.ensemble] if "=" not in v]
+    if bad:
+        ap.error(f"expected NAME=OVERRIDES (or NAME=RUN,RUN for --ensemble), got {bad}")
     variants = [v.split("=", 1) for v in args.variants]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.runs).mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ The step is lggunet's real train step (augmentation included, as configs/unet.py
 jit-compiled over all local devices, on a synthetic batch held on the device (the input
 pipeline is measured by bench/loader.py). FLOPs are counted from the step's jaxpr: 2 x output
 elements x contraction length summed over every convolution and matrix product of the forward
-and backward pass (bench/gpu.py's model_flops; XLA's compiled cost analysis reports -1 for cuDNN
-convolutions on GPU); MFU = FLOPs / step time / the chip's dense peak for that
+and backward pass (bench/gpu.py's model_flops; XLA's compiled cost analysis gave no usable count
+for cuDNN convolutions on an H100); MFU = FLOPs / step time / the chip's dense peak for that
 dtype (bf16 tensor cores for bfloat16, TF32 tensor cores for float32: XLA's default precision
 for float32 convolutions on NVIDIA GPUs). One epoch = ceil(3143 / batch) steps, the
 notebook's training split of the 3,929 slices.
@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 3143  # the notebook's training split of the 3,929 slices
 
 # Dense peak FLOP/s per chip: (bfloat16, float32 via TF32 tensor cores). NVIDIA datasheets
-# (SXM parts; the H200 has the H100's compute and faster memory).
+# (SXM parts; the H200 has the H100's compute and faster memory; PCIe/NVL H100s peak lower, so
+# their MFU here is understated).
 PEAKS = {
     "H100": (989.4e12, 494.7e12),
     "H200": (989.4e12, 494.7e12),
@@ -66,7 +67,10 @@ def model_flops(jaxpr) -> float:
     sum of 2 x output elements x contraction length (for a convolution, kernel elements / output
     features; for dot_general, the contracted lhs dimensions). Elementwise work (BN, ReLU, Adam)
     is not counted, as is usual for MFU. Backend-independent: XLA's compiled cost analysis
-    reports -1 for cuDNN convolutions on GPU."""
+    gave no usable count for cuDNN convolutions on an H100. Exact for this U-Net's step (jit,
+    custom_jvp, einsum up-sampling; tests/test_bench.py); elsewhere it would count every
+    branch of a cond, a while body once, remat's recomputation, and the zeros that lhs
+    dilation (transposed convolutions) inserts."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name

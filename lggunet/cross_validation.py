@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import dataset, inference, kaggle3m, report, splits
+from lggunet import dataset, files, inference, kaggle3m, report, splits
 from lggunet.errors import ConfigError
 
 matplotlib.use("Agg")
@@ -151,7 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
             train.train_and_evaluate(fconfig, str(fold_dir))
         report.evaluate_run(fconfig, fold_dir, splits=("validation", "test"))
         record = _fold_record(fconfig, time.perf_counter() - t0)
-        report.write_atomic(fold_dir / DONE_FILE, json.dumps(record) + "\n")
+        files.write_atomic(fold_dir / DONE_FILE, json.dumps(record) + "\n")
     return write_report(workdir) if all_done(workdir, folds) else None
 
 
@@ -278,8 +277,8 @@ def write_report(workdir: str | Path) -> dict:
         }
     result["best_variant"] = max(variants, key=lambda v: result["variants"][v]["mean"])
     result = report._json_safe(result)
-    report.write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
-    report.write_atomic(workdir / "cv_report.md", markdown(result))
+    files.write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
+    files.write_atomic(workdir / "cv_report.md", markdown(result))
     fields = ["patient", "institution", "fold", "slices", "true_area"] + [
         VARIANT_COLUMNS[v] for v in variants
     ]
@@ -287,7 +286,7 @@ def write_report(workdir: str | Path) -> dict:
     writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["patient"]))
-    report.write_atomic(workdir / "cv_patients.csv", table.getvalue())
+    files.write_atomic(workdir / "cv_patients.csv", table.getvalue())
     _plot(rows, workdir / "cv_volume_dice.png")
     plain = result["variants"]["plain"]
     logging.info(
@@ -381,7 +380,7 @@ def _plot(rows: list[dict], out_png: Path) -> None:
     ax.set_title("cross-validation: every patient scored by the model that never saw it")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))
+    finally:
+        plt.close(fig)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from lggunet import kaggle3m, models, normalization, parallel
+from lggunet import files, kaggle3m, models, normalization, parallel
 from lggunet.checkpointing import CheckpointStore
 from lggunet.errors import ConfigError
 
@@ -38,11 +36,8 @@ CONFIG_FILE = "config.json"
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Writes the run's config next to its checkpoints (load_model reads it)."""
     path = Path(workdir) / CONFIG_FILE
-    # A temporary name of this process and thread: folds of one cross-validation trained side
-    # by side (data.cv_fold=k) all write the workdir's config.json.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
-    tmp.replace(path)
+    # Folds of one cross-validation trained side by side (data.cv_fold=k) all write it.
+    files.write_atomic(path, config.to_json_best_effort(indent=2) + "\n")
     return path
 
 

@@ -373,8 +373,8 @@ CHANNEL_NAMES = ("pre-contrast", "FLAIR", "post-contrast")
 def copied_channels(images: Sequence[np.ndarray]) -> str:
     """Which channels of one patient's slices hold the very same image, as where a missing
     modality was filled with a copy of another: "" when all three differ, e.g.
-    "FLAIR=post-contrast" for two, "all three" for one image in every channel. Such scans were
-    segmented less well in cross-validation (RESULTS.md)."""
+    "FLAIR=post-contrast" for two, "all three" for one image in every channel (4 of the 49
+    shared patients; predict warns about those, RESULTS.md has their scores)."""
     volume = np.stack([np.asarray(x) for x in images]).reshape(-1, 3)
     same = [
         (i, j) for i, j in ((0, 1), (1, 2), (0, 2)) if np.array_equal(volume[:, i], volume[:, j])

@@ -28,7 +28,7 @@ from absl import logging
 from PIL import Image
 from scipy import ndimage
 
-from lggunet import inference, kaggle3m, normalization
+from lggunet import files, inference, kaggle3m, normalization
 from lggunet.errors import DataError
 
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
@@ -159,9 +159,7 @@ def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None
 
 def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    files.write_atomic(path, write)
 
 
 def _root_name(path: Path) -> str:
@@ -281,12 +279,12 @@ def predict_path(
                 "copied_channels": copied,
             }
         )
-        if copied:
+        if copied == "all three":
             logging.warning(
-                "%s: channels %s hold the same image (a modality missing and copied); such "
-                "scans were segmented less well in cross-validation: check its masks",
+                "%s: all three channels hold the same image (modalities missing and copied); "
+                "such scans were segmented less well in validation (RESULTS.md): check its "
+                "masks",
                 patient,
-                copied,
             )
         logging.info(
             "%s: %d slices, %d with tumour (%d/%d images done)",

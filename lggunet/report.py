@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import threading
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import dataset, evaluation, inference, input_pipeline, metrics, plots
+from lggunet import dataset, evaluation, files, inference, input_pipeline, metrics, plots
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -251,15 +249,6 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`: a reader
-    sees the old file or the new one, never half of one. The temporary name is this process's
-    and thread's, so that writers side by side (folds of one cross-validation) never share it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _json_safe(x):
     if isinstance(x, dict):
         return {k: _json_safe(v) for k, v in x.items()}
@@ -347,9 +336,9 @@ def evaluate_run(
     writer.writerows(all_rows)
     # The CSV first and report.json last: a crash in between leaves the old report.json, and
     # cross-validation checks the CSV's patients against it.
-    write_atomic(workdir / "report_patients.csv", table.getvalue())
-    write_atomic(workdir / "report.md", _markdown(report))
-    write_atomic(workdir / "report.json", json.dumps(report, indent=2) + "\n")
+    files.write_atomic(workdir / "report_patients.csv", table.getvalue())
+    files.write_atomic(workdir / "report.md", _markdown(report))
+    files.write_atomic(workdir / "report.json", json.dumps(report, indent=2) + "\n")
     logging.info(
         "Wrote %s, report.md, report_patients.csv and %d pictures",
         workdir / "report.json",

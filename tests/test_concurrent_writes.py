@@ -6,7 +6,7 @@ import json
 
 import ml_collections
 
-from lggunet import inference, report
+from lggunet import files, inference
 
 
 def _hammer(write, rounds: int = 200, writers: int = 8) -> None:
@@ -31,8 +31,28 @@ def test_write_atomic_side_by_side(tmp_path):
     target = tmp_path / "cv_report.json"
 
     def write(writer, i):
-        report.write_atomic(target, json.dumps({"writer": writer, "pad": "x" * 5000}) + "\n")
+        files.write_atomic(target, json.dumps({"writer": writer, "pad": "x" * 5000}) + "\n")
 
     _hammer(write)
     assert len(json.loads(target.read_text())["pad"]) == 5000
     assert [p.name for p in tmp_path.iterdir()] == ["cv_report.json"]
+
+
+def test_write_atomic_keeps_the_old_file_and_no_temporary_when_the_write_fails(tmp_path):
+    target = tmp_path / "curves.png"
+    target.write_bytes(b"old")
+
+    def fail(p):
+        p.write_bytes(b"half")
+        raise OSError("disk full")
+
+    try:
+        files.write_atomic(target, fail)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the error was swallowed")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    files.write_atomic(target, lambda p: p.write_bytes(p.suffix.encode()))
+    assert target.read_bytes() == b".png"  # the temporary file keeps the suffix
