@@ -44,7 +44,8 @@ def test_gpu_bench_smoke_counts_train_step_flops():
     step_ms, images_per_s, gflop = map(float, row.groups())
     assert abs(images_per_s - 4 / (step_ms / 1000)) < 0.01 * images_per_s + 0.1
     forward = unet_forward_flops(size=64, base=8, depth=4, batch=4) / 1e9
-    assert abs(gflop - 3 * forward) < 0.1 * forward, (gflop, forward)  # the table's rounding
+    # The table rounds to 0.1 GFLOP; the exact count is checked below.
+    assert abs(gflop - 3 * forward) < 0.06, (gflop, 3 * forward)
 
 
 def test_model_flops_of_the_train_step_match_a_hand_count():
