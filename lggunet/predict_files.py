@@ -282,8 +282,8 @@ def predict_path(
         if copied == "all three":
             logging.warning(
                 "%s: all three channels hold the same image (modalities missing and copied); "
-                "such scans were segmented less well in validation (RESULTS.md): check its "
-                "masks",
+                "the 4 such scans of the 49 scored 0.31 mean per-volume Dice in "
+                "cross-validation, against 0.66 for all (RESULTS.md): check its masks",
                 patient,
             )
         logging.info(
