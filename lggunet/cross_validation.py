@@ -264,6 +264,9 @@ def write_report(workdir: str | Path) -> dict:
         entry["a_series"] = summarize(
             [d for r, d in zip(rows, dice, strict=True) if is_a_series(r["patient"])]
         )
+        entry["copied_all_channels"] = summarize(  # one image in all three channels
+            [d for r, d in zip(rows, dice, strict=True) if r.get("copied_channels") == "all three"]
+        )
         entry["per_fold"] = [
             float(np.mean([d for r, d in zip(rows, dice, strict=True) if r["fold"] == k]))
             for k in range(folds)
@@ -279,7 +282,7 @@ def write_report(workdir: str | Path) -> dict:
     result = report._json_safe(result)
     files.write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
     files.write_atomic(workdir / "cv_report.md", markdown(result))
-    fields = ["patient", "institution", "fold", "slices", "true_area"] + [
+    fields = ["patient", "institution", "fold", "slices", "true_area", "copied_channels"] + [
         VARIANT_COLUMNS[v] for v in variants
     ]
     table = io.StringIO()
@@ -338,6 +341,8 @@ def markdown(result: dict) -> str:
     plain = result["variants"]["plain"]
     groups = {f"institution {k}": e for k, e in plain["institutions"].items()}
     groups['"A" series'] = plain["a_series"]
+    if plain.get("copied_all_channels", {}).get("patients"):
+        groups["one image in all three channels"] = plain["copied_all_channels"]
     for name, e in groups.items():
         lines.append(
             f"| {name} | {e['patients']} | {_fmt(e['mean'])} | {_fmt(e['median'])} | "

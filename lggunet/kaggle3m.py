@@ -376,9 +376,17 @@ def copied_channels(images: Sequence[np.ndarray]) -> str:
     "FLAIR=post-contrast" for two, "all three" for one image in every channel (4 of the 49
     shared patients; predict warns about those, RESULTS.md has their scores)."""
     volume = np.stack([np.asarray(x) for x in images]).reshape(-1, 3)
-    same = [
-        (i, j) for i, j in ((0, 1), (1, 2), (0, 2)) if np.array_equal(volume[:, i], volume[:, j])
-    ]
+    return channel_copies_label(
+        [(i, j) for i, j in CHANNEL_PAIRS if np.array_equal(volume[:, i], volume[:, j])]
+    )
+
+
+CHANNEL_PAIRS = ((0, 1), (1, 2), (0, 2))
+
+
+def channel_copies_label(same_pairs) -> str:
+    """copied_channels' label for the channel pairs (i, j) found identical."""
+    same = sorted(same_pairs)
     if len(same) >= 2:
         return "all three"
     return "=".join(CHANNEL_NAMES[k] for k in same[0]) if same else ""

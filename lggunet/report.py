@@ -19,7 +19,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import dataset, evaluation, files, inference, input_pipeline, metrics, plots
+from lggunet import (
+    dataset,
+    evaluation,
+    files,
+    inference,
+    input_pipeline,
+    kaggle3m,
+    metrics,
+    plots,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,6 +59,7 @@ class _Split:
         self.true, self.pred = [], {"plain": [], "tta": []}
         self.notebook = {"plain": [], "tta": []}
         self.weights = []
+        self.same_pairs: dict[str, set] = {}  # per patient: channel pairs identical so far
 
 
 def _predict_split(model: inference.Model, source, batch_size: int, tta: bool) -> _Split:
@@ -70,6 +80,13 @@ def _predict_split(model: inference.Model, source, batch_size: int, tta: bool) -
             out.pred[name].append(np.packbits(p > 0.5, axis=-1))
         out.true.append(np.packbits(masks > 0, axis=-1))
         out.patient.extend(input_pipeline.as_text(x) for x in batch["patient_id"][valid])
+        for pid, image in zip(out.patient[-len(images) :], images, strict=True):
+            same = {
+                (i, j)
+                for i, j in kaggle3m.CHANNEL_PAIRS
+                if np.array_equal(image[..., i], image[..., j])
+            }
+            out.same_pairs[pid] = out.same_pairs.get(pid, same) & same
         out.slice_index.extend(batch["slice_index"][valid].tolist())
     out.true = np.concatenate(out.true)
     out.pred = {k: np.concatenate(v) for k, v in out.pred.items() if v}
@@ -100,6 +117,7 @@ def _score(split: _Split, config: ml_collections.ConfigDict) -> tuple[dict, list
         truth = unpack(split.true[idx])
         slice_true_area[idx] = truth.sum(axis=(1, 2))
         row = {"patient": pid, "slices": len(idx), "true_area": int(truth.sum())}
+        row["copied_channels"] = kaggle3m.channel_copies_label(split.same_pairs[pid])
         for v in variants:
             pred = unpack(split.pred[_BASE_VARIANT[v]][idx])
             if v.endswith("lcc"):

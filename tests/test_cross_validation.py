@@ -147,3 +147,47 @@ def test_intensity_augmentation_needs_z_scored_input(cv_config):
         config_checks.check(cv_config)
     cv_config.data.normalize = "brain_zscore"
     config_checks.check(cv_config)
+
+
+def test_report_rows_name_copied_channels_per_patient():
+    """report's per-patient rows (and so cv_patients.csv and the CV report's group) name the
+    channels that hold one image over the whole volume, as kaggle3m.copied_channels does."""
+    import ml_collections
+
+    from lggunet import kaggle3m, report
+
+    rng = np.random.default_rng(0)
+
+    def channels(kind):
+        a, b, c = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+        return np.stack({"all": [a, a, a], "flair=post": [b, a, a], "none": [a, b, c]}[kind], -1)
+
+    volumes = {  # P4: one slice a copy, the other not: not a copied volume
+        "P1": [channels("all"), channels("all")],
+        "P2": [channels("flair=post"), channels("flair=post")],
+        "P3": [channels("none"), channels("none")],
+        "P4": [channels("all"), channels("none")],
+    }
+    source = [
+        {
+            "image": image,
+            "mask": np.zeros((16, 16, 1), np.uint8),
+            "patient_id": pid.encode(),
+            "slice_index": i,
+            "tumour_area": 0,
+            "volume_mean": np.zeros(3, np.float32),
+            "volume_std": np.ones(3, np.float32),
+            "brain_stats": np.zeros((6, 3), np.float32),
+        }
+        for pid, images in volumes.items()
+        for i, image in enumerate(images)
+    ]
+    model = lambda images, *stats: np.zeros(images.shape[:3], np.float32)  # noqa: E731
+    split = report._predict_split(model, source, batch_size=3, tta=False)
+    config = ml_collections.ConfigDict(
+        {"evaluate": {"largest_component": False, "detection_min_pixels": 10}}
+    )
+    _, rows, _ = report._score(split, config)
+    got = {r["patient"]: r["copied_channels"] for r in rows}
+    assert got == {"P1": "all three", "P2": "FLAIR=post-contrast", "P3": "", "P4": ""}
+    assert got == {pid: kaggle3m.copied_channels(images) for pid, images in volumes.items()}
