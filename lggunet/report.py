@@ -117,7 +117,7 @@ def _score(split: _Split, config: ml_collections.ConfigDict) -> tuple[dict, list
         truth = unpack(split.true[idx])
         slice_true_area[idx] = truth.sum(axis=(1, 2))
         row = {"patient": pid, "slices": len(idx), "true_area": int(truth.sum())}
-        row["copied_channels"] = kaggle3m.channel_copies_label(split.same_pairs[pid])
+        row["copied_channels"] = kaggle3m.channel_copies_label(split.same_pairs.get(pid, ()))
         for v in variants:
             pred = unpack(split.pred[_BASE_VARIANT[v]][idx])
             if v.endswith("lcc"):
