@@ -31,13 +31,9 @@ import threading
 import time
 from pathlib import Path
 
+from device_screening import PREPARE  # bench/ is first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
-PREPARE = (
-    "import sys; from absl import flags; from ml_collections import config_flags; "
-    "from lggunet import dataset; "
-    "c = config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); "
-    "dataset.prepare(c.value.data)"
-)
 
 
 def base_flags(args) -> list[str]:

@@ -32,6 +32,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Builds the prepared data of the config given by the flags that follow (one process).
+PREPARE = (
+    "import sys; from absl import flags; from ml_collections import config_flags; "
+    "from lggunet import dataset; "
+    "c = config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); "
+    "dataset.prepare(c.value.data)"
+)
 SMALL_FILES = (
     "config.json",
     "metrics.jsonl",
@@ -57,13 +64,7 @@ def base_flags(args) -> list[str]:
 
 def prepare(args) -> None:
     """Builds the split's prepared data once (every variant reads the same)."""
-    code = (
-        "import sys; from absl import flags; from ml_collections import config_flags; "
-        "from lggunet import dataset; "
-        "c = config_flags.DEFINE_config_file('config'); flags.FLAGS(sys.argv); "
-        "dataset.prepare(c.value.data)"
-    )
-    subprocess.run([sys.executable, "-c", code, *base_flags(args)], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", PREPARE, *base_flags(args)], cwd=REPO, check=True)
 
 
 def run_variant(name: str, overrides: str, args) -> dict:
