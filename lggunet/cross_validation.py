@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import dataset, files, inference, kaggle3m, report, splits
+from lggunet import dataset, files, inference, kaggle3m, report, splits, workdirs
 from lggunet.errors import ConfigError
 
 matplotlib.use("Agg")
@@ -131,10 +131,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
 
     config_checks.check(config)
     workdir = Path(workdir).expanduser()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"{workdir}: --workdir is a file, not a folder")
     _check_workdir(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     whole = ml_collections.ConfigDict(config.to_dict())
     whole.data.cv_fold = -1
+    workdirs.check_resumable(whole, workdir, inference.CONFIG_FILE)
+    workdirs.make_writable_dir(workdir, "--workdir")
     inference.save_config(whole, workdir)  # load_model(WORKDIR) reads the fold count here
     folds = config.data.cv_folds
     for fold in _folds_to_run(config):

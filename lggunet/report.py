@@ -10,8 +10,10 @@ computed follows `config.evaluate`. Everything is scored at the data's 256x256 r
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -28,12 +30,15 @@ from lggunet import (
     kaggle3m,
     metrics,
     plots,
+    workdirs,
 )
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
+# Patients the run never saw (evaluating on other data than it trained on).
+REPORTED = (*SPLITS, workdirs.UNSEEN)
 # Which stored prediction each variant starts from (the lcc ones then keep the largest component).
 _BASE_VARIANT = {"plain": "plain", "tta": "tta", "lcc": "plain", "tta+lcc": "tta"}
 
@@ -182,7 +187,7 @@ def _slice_grid(source, split: _Split, scores: dict, name: str, out_png: Path) -
 
 
 def _box_plot(per_split_rows: dict[str, list[dict]], out_png: Path) -> Path:
-    splits = [s for s in SPLITS if per_split_rows.get(s)]
+    splits = [s for s in REPORTED if per_split_rows.get(s)]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(splits), 3.6))
     data = [[r["dice"] for r in per_split_rows[s]] for s in splits]
     ax.boxplot(data, showmeans=True)
@@ -220,6 +225,15 @@ def _markdown(report: dict) -> str:
         f"of `{ck['workdir']}`. Data: {report['data']['source']}; split "
         f"{report['data']['split']}.",
         "",
+    ]
+    data = report["data"]
+    if data.get("trained_on") and data["trained_on_fingerprint"] != data["fingerprint"]:
+        lines += [
+            f"The model was trained on other data ({data['trained_on']}): every patient keeps "
+            "the split it had in training; patients it never saw are under `unseen`.",
+            "",
+        ]
+    lines += [
         "## The notebook's table",
         "",
         "Batch formulas over the flattened batch of soft predictions, smooth=100 (Loss is the "
@@ -277,6 +291,70 @@ def _json_safe(x):
     return x
 
 
+class _Picked(Sequence):
+    """Examples taken from several data sources, in the given order."""
+
+    def __init__(self, parts: list[tuple[Sequence, int]]):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> dict:
+        source, index = self.parts[i]
+        return source[index]
+
+
+def by_recorded_split(builder, sources: dict, record: dict | None, workdir: Path) -> dict:
+    """The prepared examples regrouped by the split each patient (or slice, for a slice-level
+    split) had when the run trained (`splits.json`); patients it never saw go to "unseen".
+    On the run's own data this is the prepared split itself."""
+    if record is None:
+        logging.warning(
+            "%s has no %s (trained before lggunet recorded its split): the split is recomputed "
+            "from the saved config, which is right only on the data it was trained on",
+            workdir,
+            workdirs.SPLITS_FILE,
+        )
+        return dict(sources)
+    by_slice = record.get("slices") if record.get("split_mode") == "slice" else None
+    if by_slice:
+        labels = {key: split for split, keys in by_slice.items() for key in keys}
+    else:
+        labels = workdirs.label_patients(record)
+    picked: dict[str, list] = {name: [] for name in REPORTED}
+    for name, source in sources.items():
+        factory = functools.partial(builder.as_data_source, name)
+        patients = [
+            input_pipeline.as_text(p) for p in input_pipeline.read_field(factory, "patient_id")
+        ]
+        keys = patients
+        if by_slice:
+            indices = input_pipeline.read_field(factory, "slice_index")
+            keys = [f"{p}#{i}" for p, i in zip(patients, indices, strict=True)]
+        for i, key in enumerate(keys):
+            picked[labels.get(key, workdirs.UNSEEN)].append((source, i))
+    same = all(
+        [s for s, _ in picked[name]] == [source] * len(source)
+        and [i for _, i in picked[name]] == list(range(len(source)))
+        for name, source in sources.items()
+    )
+    if same and not picked[workdirs.UNSEEN]:
+        return dict(sources)
+    counts = ", ".join(f"{name} {len(p)}" for name, p in picked.items() if p)
+    logging.warning(
+        "The data (%s) is not the data this run trained on (%s): slices are labelled by the "
+        "split their patient had in training (%s); %s slices of patients it never saw are "
+        "reported as '%s'",
+        builder.info.metadata["source"],
+        record["source"],
+        counts,
+        len(picked[workdirs.UNSEEN]),
+        workdirs.UNSEEN,
+    )
+    return {name: _Picked(parts) for name, parts in picked.items() if parts}
+
+
 def evaluate_run(
     config: ml_collections.ConfigDict, workdir: str | Path, splits: tuple[str, ...] = SPLITS
 ) -> dict:
@@ -298,7 +376,8 @@ def evaluate_run(
     model = inference.model_from_config(run_config, checkpoints)
     meta = model.record
     builder = dataset.prepare(run_config.data)
-    sources = builder.as_data_source()
+    record = workdirs.recorded_splits(workdir)
+    sources = by_recorded_split(builder, builder.as_data_source(), record, workdir)
     report = {
         "checkpoint": {
             "workdir": str(workdir),
@@ -310,6 +389,9 @@ def evaluate_run(
             "source": builder.info.metadata["source"],
             "split": f"{run_config.data.split_mode}, seed {run_config.data.split_seed}, "
             f"fractions {tuple(run_config.data.split_fractions)}",
+            "fingerprint": builder.info.metadata["fingerprint"],
+            "trained_on": None if record is None else record["source"],
+            "trained_on_fingerprint": None if record is None else record["fingerprint"],
         },
         "settings": {
             "image_size": run_config.data.image_size,
@@ -321,7 +403,7 @@ def evaluate_run(
         "splits": {},
     }
     rows_by_split, pictures = {}, []
-    for name in splits:
+    for name in [*splits, workdirs.UNSEEN]:
         if name not in sources:
             continue
         logging.info("Evaluating %s (%d slices)", name, len(sources[name]))

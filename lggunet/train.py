@@ -30,6 +30,7 @@ from lggunet import (
     parallel,
     plots,
     summaries,
+    workdirs,
 )
 from lggunet.checkpointing import CheckpointStore
 from lggunet.errors import TrainingDiverged
@@ -437,10 +438,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict]:
-    """`train_and_evaluate`, also returning the final (last-epoch) TrainState."""
+    """`train_and_evaluate`, also returning the final (last-epoch) TrainState.
+
+    One training per workdir at a time (`lggunet.workdirs.locked`); a rerun must ask for the
+    same run as the checkpoints there (`workdirs.check_resumable`), checked before anything
+    is written."""
     config_checks.check(config)
-    log = _Log()
-    main = parallel.is_main_process()
     workdir_path = Path(workdir).expanduser()
     if config.data.get("cv_folds", 0) and config.data.cv_fold < 0:
         raise config_checks.ConfigError(
@@ -452,10 +455,23 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
             f"{workdir_path} holds a cross-validation run (its folds are fold_<k>/): train it "
             "with the same data.cv_folds, or use another workdir"
         )
-    workdir_path.mkdir(parents=True, exist_ok=True)
+    if not parallel.is_main_process():
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        return _run_training(config, workdir_path)
+    workdirs.make_writable_dir(workdir_path, "--workdir")
+    with workdirs.locked(workdir_path):
+        return _run_training(config, workdir_path)
+
+
+def _run_training(config: ml_collections.ConfigDict, workdir_path: Path):
+    log = _Log()
+    main = parallel.is_main_process()
     if main:
-        inference.save_config(config, workdir_path)  # load_model and --mode=predict read it
+        workdirs.check_resumable(config, workdir_path, inference.CONFIG_FILE)
     builder = dataset.prepare(config.data)
+    if main:
+        workdirs.record_or_check_splits(workdir_path, dict(builder.info.metadata))
+        inference.save_config(config, workdir_path)  # load_model and --mode=predict read it
     mesh = parallel.data_mesh()
     feed = Feed(config, builder, mesh)
     sources = feed.sources

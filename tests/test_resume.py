@@ -104,7 +104,7 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
     assert meta["epoch"] == 2 and 0 < meta["position"] < steps_per_epoch, meta  # mid-epoch
     assert not (tmp_path / "cut" / "final_metrics.json").exists()
 
-    # A mid-epoch checkpoint resumes only with the same batches.
+    # The checkpoints resume only with the same settings (here: the same batches).
     other = subprocess.run(
         command(tmp_path / "cut", data_dir) + ["--config.batch_size=8"],
         cwd=REPO,
@@ -113,7 +113,8 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
         text=True,
         timeout=300,
     )
-    assert other.returncode == 2 and "resume with the same batch_size" in other.stderr
+    assert other.returncode == 2, other.stderr
+    assert "other settings (batch_size: 16 -> 8)" in other.stderr, other.stderr
 
     again = start(tmp_path / "cut", data_dir)
     out, _ = again.communicate(timeout=600)

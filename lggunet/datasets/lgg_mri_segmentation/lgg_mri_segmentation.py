@@ -154,6 +154,10 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
             cv_fold=config.cv_fold,
             patients={n: sorted({s.patient_id for s in v}) for n, v in per_split.items()},
         )
+        if config.split_mode == "slice":  # a patient's slices are spread over the splits
+            self.info.metadata["slices"] = {
+                n: sorted(f"{s.patient_id}#{s.index}" for s in v) for n, v in per_split.items()
+            }
         return {
             name: self._generate_examples(source, part) for name, part in per_split.items() if part
         }

@@ -1,0 +1,140 @@
+"""A workdir is never damaged or mislabelled: the lock, the resume check and splits.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from lggunet import inference, report, train, workdirs
+from lggunet.errors import ConfigError
+from tests.conftest import write_case
+
+
+def _on_folder(config, folder):
+    config.data.manual_dir = str(folder)
+    config.data.phantom = False
+    config.data.split_fractions = (0.6, 0.2, 0.2)
+    return config
+
+
+def test_rerun_with_other_settings_is_refused_before_anything_is_written(
+    tiny_config, synthetic_kaggle_3m, tmp_path
+):
+    config = _on_folder(tiny_config, synthetic_kaggle_3m)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+
+    def files():  # every file but the lock, which names its latest holder
+        return {
+            p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != ".lock"
+        }
+
+    before = files()
+
+    other = _on_folder(type(config)(config.to_dict()), synthetic_kaggle_3m)
+    other.model.features = 8
+    other.learning_rate = 0.5
+    with pytest.raises(ConfigError) as e:
+        train.train_and_evaluate(other, str(workdir))
+    message = str(e.value)
+    assert "model.features: 4 -> 8" in message and "learning_rate" in message
+    assert "use another workdir" in message and "\n" not in message
+    assert files() == before  # config.json untouched
+    assert inference.load_model(workdir).step > 0  # the trained model still loads
+
+    # Fields that do not change what was trained may differ: more epochs resume the run.
+    longer = _on_folder(type(config)(config.to_dict()), synthetic_kaggle_3m)
+    longer.num_epochs = 2
+    train.train_and_evaluate(longer, str(workdir))
+    assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 2
+    epochs = [json.loads(x)["epoch"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_a_second_training_in_a_busy_workdir_stops_at_once(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    with workdirs.locked(workdir):
+        with pytest.raises(workdirs.WorkdirBusy, match="another training run is using"):
+            train.train_and_evaluate(tiny_config, str(workdir))
+        assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
+        assert f"pid {__import__('os').getpid()}" in (workdir / ".lock").read_text()
+    # Released when the holder ends: the next run goes ahead.
+    train.train_and_evaluate(tiny_config, str(workdir))
+    assert (workdir / "final_metrics.json").exists()
+
+
+def test_a_file_as_workdir_is_one_clear_error(tiny_config, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("keep me")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        train.train_and_evaluate(tiny_config, str(path))
+    assert path.read_text() == "keep me"
+
+
+def test_evaluate_on_other_data_never_calls_a_training_patient_test(
+    tiny_config, synthetic_kaggle_3m, tmp_path
+):
+    config = _on_folder(tiny_config, synthetic_kaggle_3m)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    recorded = json.loads((workdir / "splits.json").read_text())
+    assert sorted(p for v in recorded["patients"].values() for p in v) == sorted(
+        d.name[:12] for d in synthetic_kaggle_3m.iterdir() if d.is_dir()
+    )
+    split_of = workdirs.label_patients(recorded)
+
+    # Other data: two of the training patients, one test patient and two new ones.
+    other = tmp_path / "other" / "kaggle_3m"
+    other.mkdir(parents=True)
+    keep = [p for p in split_of if split_of[p] == "train"][:2]
+    keep += [p for p in split_of if split_of[p] == "test"]
+    for folder in synthetic_kaggle_3m.iterdir():
+        if folder.name[:12] in keep:
+            shutil.copytree(folder, other / folder.name)
+    write_case(other, "TCGA_DD_0006_20000106", 3, seed=6)
+    write_case(other, "TCGA_DD_0007_20000107", 3, seed=7)
+    config.data.manual_dir = str(other)
+    result = report.evaluate_run(config, workdir)
+
+    with (workdir / "report_patients.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    labels = {r["patient"]: r["split"] for r in rows}
+    assert set(labels) == set(keep) | {"TCGA_DD_0006", "TCGA_DD_0007"}
+    for patient, label in labels.items():
+        assert label == split_of.get(patient, "unseen"), (patient, label)
+    assert set(result["splits"]) == {"train", "test", "unseen"}
+    assert result["data"]["trained_on"] == str(synthetic_kaggle_3m)
+    assert "never saw are under `unseen`" in (workdir / "report.md").read_text()
+
+
+def test_resuming_on_data_that_splits_otherwise_is_refused(
+    tiny_config, synthetic_kaggle_3m, tmp_path
+):
+    config = _on_folder(tiny_config, synthetic_kaggle_3m)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    write_case(synthetic_kaggle_3m, "TCGA_DD_0006_20000106", 3, seed=6)
+    config.num_epochs = 2
+    with pytest.raises(ConfigError, match="trained on another split of other data"):
+        train.train_and_evaluate(config, str(workdir))
+    assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 1
+
+
+def test_config_differences_ignore_free_fields_and_fields_older_runs_lack(tiny_config):
+    saved = json.loads(tiny_config.to_json_best_effort())
+    del saved["model"]["bn_momentum"]  # an older lggunet had no such field
+    config = type(tiny_config)(tiny_config.to_dict())
+    config.num_epochs = 50
+    config.predict.threshold = 0.3
+    config.data.manual_dir = "/elsewhere"
+    config.model.bn_momentum = 0.9
+    assert workdirs.config_differences(saved, config) == []
+    config.data.image_size = 64
+    config.augment.enabled = not config.augment.enabled
+    assert workdirs.config_differences(saved, config) == [
+        f"augment.enabled: {tiny_config.augment.enabled!r} -> {config.augment.enabled!r}",
+        "data.image_size: 32 -> 64",
+    ]
