@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import logging as pylogging
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lggunet import cross_validation, inference, parallel, predict_files, report, train
-from lggunet.errors import ConfigError, LggUnetError
+from lggunet import (
+    config_checks,
+    cross_validation,
+    inference,
+    parallel,
+    predict_files,
+    report,
+    train,
+    walk,
+    workdirs,
+)
+from lggunet.errors import ConfigError, DataError, LggUnetError
 from lggunet.interrupts import Interrupted
 
 FLAGS = flags.FLAGS
@@ -45,6 +56,9 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "output", None, "predict: where <stem>_pred_mask.tif, overlays and volumes.csv go."
 )
+flags.DEFINE_bool(
+    "verbose", False, "On a user error (bad data, config or path), also print the traceback."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -59,6 +73,9 @@ def _predict() -> int:
     if not FLAGS.input or not FLAGS.output:
         raise app.UsageError("--mode=predict needs --input=PATH and --output=DIR")
     config = FLAGS.config
+    workdirs.make_writable_dir(Path(FLAGS.output).expanduser(), "--output")
+    if not Path(FLAGS.input).expanduser().exists():
+        raise DataError(f"{FLAGS.input}: no such file or folder (--input)")
     model = inference.load_model_for(config, FLAGS.workdir, tta=config.predict.tta)
     result = predict_files.predict_path(
         model,
@@ -86,6 +103,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+        config_checks.check(FLAGS.config)  # in every mode, before any work
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():
             logging.set_verbosity(logging.WARNING)
@@ -105,7 +123,11 @@ def main(argv: list[str]) -> None:
             report.evaluate_run(FLAGS.config, FLAGS.workdir)
         else:
             sys.exit(_predict())
-    except LggUnetError as e:
+    except (LggUnetError, OSError) as e:
+        if FLAGS.verbose or (isinstance(e, OSError) and not e.filename):
+            raise  # --verbose, or an OSError that names no file: the traceback says more
+        if isinstance(e, OSError):  # a full disk, a read-only folder, a path that is a file
+            e = f"{walk.shown(e.filename)}: {e.strerror or e}"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # checkpoint saved; rerunning the same command continues

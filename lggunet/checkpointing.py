@@ -13,6 +13,7 @@ previous one. In multi-process runs every process calls `save`
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -34,11 +35,33 @@ def _val_loss(metrics: dict) -> float:
     return metrics["val_loss"]
 
 
+def _damaged_records(directory: Path) -> list[int]:
+    """Steps whose orbax JSON records (metrics, checkpoint metadata) do not parse."""
+    if not directory.is_dir():
+        return []
+    bad = []
+    for step_dir in directory.iterdir():
+        if not step_dir.name.isdigit():
+            continue
+        for rel in ("metrics/metrics", "_CHECKPOINT_METADATA"):
+            path = step_dir / rel
+            try:
+                if path.exists():
+                    json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                bad.append(int(step_dir.name))
+                break
+    return sorted(bad)
+
+
 class CheckpointStore:
     """Keeps the latest checkpoint and the best (lowest val_loss) end-of-epoch one."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).expanduser().absolute()
+        # orbax reads every checkpoint's JSON records when it opens the folder and fails on a
+        # damaged one: such checkpoints are moved aside first, as unreadable ones are below.
+        self._move_aside(_damaged_records(self.directory), "its JSON records cannot be read")
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=1),
@@ -123,8 +146,13 @@ class CheckpointStore:
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {tried})")
 
     def _quarantine(self, steps: list[int]) -> None:
-        """Moves unreadable checkpoints newer than the restored one out of the way (to
-        `<dir>_unreadable/<step>`), so training can save those step numbers again."""
+        """Moves unreadable checkpoints newer than the restored one out of the way, so
+        training can save those step numbers again."""
+        self._move_aside(steps, "it cannot be read")
+        self.manager.reload()
+
+    def _move_aside(self, steps: list[int], why: str) -> None:
+        """Moves checkpoints to `<dir>_unreadable/<step>-<time>[-n]`, warning for each."""
         if not steps or jax.process_index() != 0:
             return
         target = self.directory.parent / f"{self.directory.name}_unreadable"
@@ -133,9 +161,11 @@ class CheckpointStore:
             source = self.directory / str(step)
             if source.exists():
                 destination = target / f"{step}-{int(time.time())}"
+                n = 1
+                while destination.exists():
+                    destination, n = target / f"{step}-{int(time.time())}-{n}", n + 1
                 shutil.move(str(source), str(destination))
-                logging.warning("Moved unreadable checkpoint %s to %s", source, destination)
-        self.manager.reload()
+                logging.warning("Moved checkpoint %s (%s) to %s", source, why, destination)
 
     def restore_latest(self, template: Any) -> tuple[Any, dict]:
         """The newest checkpoint that reads back whole (older ones on failure, warned)."""

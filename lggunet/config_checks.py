@@ -13,8 +13,69 @@ from lggunet.normalization import NORMALIZATIONS
 __all__ = ["ConfigError", "check"]
 
 
+# field -> (lowest, highest, whether the bounds themselves are allowed): numbers outside
+# are refused up front, naming the field (None: no bound on that side).
+RANGES = {
+    "seed": (0, 2**31 - 1, True),
+    "num_epochs": (1, 100_000, True),
+    "learning_rate": (0, 10, False),
+    "log_every_steps": (1, None, True),
+    "summary_images": (0, 64, True),
+    "early_stopping.patience": (0, None, True),
+    "early_stopping.min_delta": (0, None, True),
+    "plateau.factor": (0, 1, False),
+    "plateau.patience": (0, None, True),
+    "plateau.min_delta": (0, None, True),
+    "plateau.cooldown": (0, None, True),
+    "data.phantom_patients": (3, 10_000, True),
+    "data.phantom_slices": (1, 1_000, True),
+    "data.phantom_seed": (0, 2**31 - 1, True),
+    "data.image_size": (8, 4096, True),
+    "data.split_seed": (0, 2**31 - 1, True),
+    "data.num_threads": (1, 1024, True),
+    "data.num_workers": (0, 1024, True),
+    "data.oversample_tumour": (1, 100, True),
+    "augment.rotation_range": (0, 180, True),
+    "augment.width_shift_range": (0, 1, True),
+    "augment.height_shift_range": (0, 1, True),
+    "augment.shear_range": (0, 90, True),
+    "augment.zoom_range": (0, 1, False),
+    "evaluate.detection_min_pixels": (0, None, True),
+    "predict.threshold": (0, 1, False),
+    "model.features": (1, 4096, True),
+    "model.depth": (1, 10, True),
+    "model.dropout": (0, 1, True),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for the first numeric field out of its range (RANGES), naming it."""
+    for field, (low, high, inclusive) in RANGES.items():
+        value = _get(config, field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ConfigError(f"{field}={value!r} must be a number")
+        below = low is not None and (value < low if inclusive else value <= low)
+        above = high is not None and (value > high if inclusive else value >= high)
+        if below or above:
+            lo = "" if low is None else f"{low} {'<=' if inclusive else '<'} "
+            hi = "" if high is None else f" {'<=' if inclusive else '<'} {high}"
+            raise ConfigError(f"{field}={value!r} is out of range: expected {lo}{field}{hi}")
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the field when the config cannot work."""
+    check_ranges(config)
     size, depth = config.data.image_size, config.model.depth
     if size <= 0 or size % 2**depth:
         raise ConfigError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from lggunet import kaggle3m, parallel, phantom
+from lggunet import files, kaggle3m, parallel, phantom
 from lggunet.datasets.lgg_mri_segmentation import LggMriSegmentation, make_config
 from lggunet.errors import ConfigError, DataError
 
 KAGGLE_HANDLE = "mateuszbuda/lgg-mri-segmentation"
+CHECKSUMS_FILE = "lggunet_checksums.json"  # digests of the prepared files, beside them
 
 
 def data_dir(data_config: ml_collections.ConfigDict) -> Path:
@@ -139,4 +142,38 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
             f"{builder.data_path}: prepared from a source with fingerprint {recorded}, "
             f"not {config.fingerprint} ({source.location}); delete that folder and rerun"
         )
+    verify_prepared(Path(str(builder.data_path)))
     return builder
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CHECKSUMS_FILE:
+            with path.open("rb") as f:
+                out[path.name] = hashlib.file_digest(f, "blake2b").hexdigest()
+    return out
+
+
+def verify_prepared(folder: Path) -> None:
+    """Checks the prepared files against the digests taken when they were made (taken now on
+    the first use); a changed or missing file is a DataError naming it, with the fix."""
+    path = folder / CHECKSUMS_FILE
+    now = _digests(folder)
+    if not path.exists():
+        if parallel.is_main_process():
+            files.write_atomic(path, json.dumps(now, indent=1) + "\n")
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{path}: unreadable ({e}); delete {folder} and rerun to prepare it again"
+        ) from e
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            what = "is missing" if name not in now else "has changed since it was prepared"
+            raise DataError(
+                f"{folder / name}: the prepared copy is damaged ({what}); delete {folder} "
+                "and rerun to prepare it again from the source"
+            )

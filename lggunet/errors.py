@@ -15,3 +15,8 @@ class ConfigError(LggUnetError):
 
 class TrainingDiverged(LggUnetError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class InputError(LggUnetError, ValueError):
+    """Arrays given to the Python API that the model cannot take; the message says what it
+    expected."""

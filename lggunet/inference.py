@@ -7,9 +7,11 @@ For research code that wants masks without the config system or the data pipelin
     masks = lggunet.predict(images, model)             # (N, H, W) uint8 in {0, 1}
     probs = model(images)                              # (N, H, W) float32 p(tumour)
 
-`images` is (N, H, W, 3) (pre-contrast, FLAIR, post-contrast) or one (H, W, 3) slice, uint8 or
-float on the same 0..255 intensity scale as the TIFFs; any H and W (resized to the model's
-input size and the probabilities mapped back). Runs on the default device.
+`images` is (N, H, W, 3) (pre-contrast, FLAIR, post-contrast) or one (H, W, 3) slice, uint8
+on the TIFFs' 0..255 scale, or float with an explicit `scale=` (255 for [0, 1]); any H and W
+(resized to the model's input size and the probabilities mapped back). Anything else (NaNs,
+channels first, uint16 beyond 255, no pixels) is an InputError saying what was expected. Runs
+on the default device.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from scipy import ndimage
 
 from lggunet import files, kaggle3m, models, normalization, parallel
 from lggunet.checkpointing import CheckpointStore
-from lggunet.errors import ConfigError
+from lggunet.errors import ConfigError, InputError
 
 CONFIG_FILE = "config.json"
 
@@ -79,22 +81,22 @@ class Model:
     step: int | None = None  # the training step of the checkpoint
     record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON record
 
-    def __call__(self, images, volume_mean=None, volume_std=None, brain_stats=None) -> np.ndarray:
+    def __call__(
+        self, images, volume_mean=None, volume_std=None, brain_stats=None, *, scale=None
+    ) -> np.ndarray:
         """p(tumour) per pixel, (N, H, W) float32 (or (H, W) for one slice).
+
+        `images` as `check_images` takes them (uint8 0..255 like the TIFFs; a float array
+        needs `scale`, e.g. scale=255 for images in [0, 1]).
 
         Per-patient normalisations (`zscore_volume`, `brain_zscore`) use the given statistics
         (`volume_mean`/`volume_std` (3,) or (N, 3); `brain_stats` (6, 3) or (N, 6, 3), see
         `lggunet.normalization`), or, if none are given, those of `images` taken as one volume.
         """
-        images = np.asarray(images)
+        images = check_images(images, scale)
         single = images.ndim == 3
         if single:
             images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"images must be (N, H, W, 3) or (H, W, 3) with 3 channels (pre-contrast, "
-                f"FLAIR, post-contrast), not {images.shape}"
-            )
         if self.normalize == "zscore_volume" and volume_mean is None:
             volume_mean, volume_std = kaggle3m.volume_statistics(images)
         if self.normalize == "brain_zscore" and brain_stats is None:
@@ -145,11 +147,14 @@ class Ensemble:
         if not self.members:
             raise ConfigError("an ensemble needs at least one model")
 
-    def __call__(self, images, volume_mean=None, volume_std=None, brain_stats=None) -> np.ndarray:
+    def __call__(
+        self, images, volume_mean=None, volume_std=None, brain_stats=None, *, scale=None
+    ) -> np.ndarray:
         """Mean p(tumour) of the members, shaped as `Model.__call__`'s."""
+        images = check_images(images, scale)
         total = None
         for member in self.members:
-            p = member(images, volume_mean, volume_std, brain_stats)
+            p = member(images, volume_mean, volume_std, brain_stats, scale=1)
             total = p.astype(np.float64) if total is None else total + p
         return (total / len(self.members)).astype(np.float32)
 
@@ -166,6 +171,55 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
     return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
+def check_threshold(threshold: float) -> float:
+    """A probability threshold strictly between 0 and 1 (InputError naming it otherwise)."""
+    if not isinstance(threshold, int | float) or not 0 < threshold < 1:
+        raise InputError(
+            f"threshold={threshold!r} must be a probability strictly between 0 and 1 (p > "
+            "threshold is tumour; 0.5 is the default)"
+        )
+    return float(threshold)
+
+
+def check_images(images, scale: float | None = None) -> np.ndarray:
+    """`images` as the model takes them, float32 (N, H, W, 3) or (H, W, 3) on the TIFFs' 0..255
+    scale, or an InputError saying what was expected: integers in 0..255 (uint8 as read from
+    the TIFFs), or floats with an explicit `scale` (255 for images in [0, 1], 1 for 0..255);
+    finite; channels last (pre-contrast, FLAIR, post-contrast); at least one pixel."""
+    images = np.asarray(images)
+    if images.dtype.kind not in "uif":
+        raise InputError(f"images of dtype {images.dtype}: expected uint8 (or float with scale=)")
+    if images.ndim not in (3, 4) or images.shape[-1] != 3:
+        hint = ""
+        if images.ndim in (3, 4) and images.shape[-3] == 3:
+            hint = " (channels first? move them last: np.moveaxis(images, -3, -1))"
+        raise InputError(
+            f"images of shape {images.shape}: expected (N, H, W, 3) or (H, W, 3), the 3 "
+            f"channels last (pre-contrast, FLAIR, post-contrast){hint}"
+        )
+    if images.size == 0:
+        raise InputError(f"images of shape {images.shape} hold no pixels: give at least one slice")
+    if images.dtype.kind == "f":
+        if scale is None:
+            raise InputError(
+                f"images are {images.dtype}: say their scale, scale=255 for values in [0, 1] "
+                "or scale=1 for 0..255 (the model was trained on 0..255 uint8 TIFFs)"
+            )
+        bad = int(np.count_nonzero(~np.isfinite(images)))
+        if bad:
+            raise InputError(f"images hold {bad} NaN or infinite value(s)")
+        images = images.astype(np.float32) * np.float32(scale)
+    elif scale not in (None, 1):
+        images = images.astype(np.float32) * np.float32(scale)
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 255 * (1 + 1e-3):
+        raise InputError(
+            f"images range over {low:g}..{high:g} after scaling, expected 0..255 (uint8 TIFFs): "
+            f"rescale them (e.g. images / images.max() * 255), or pass the right scale="
+        )
+    return images.astype(np.float32)
+
+
 def predict(
     images,
     model: Model,
@@ -175,13 +229,22 @@ def predict(
     volume_mean=None,
     volume_std=None,
     brain_stats=None,
+    scale: float | None = None,
 ) -> np.ndarray:
     """Binary masks (N, H, W) uint8 in {0, 1} (or (H, W) for one slice): p > threshold.
 
-    With `largest_connected_component`, `images` are taken as one patient's slices in order
-    and only the largest 3D component is kept.
+    `images` and `scale` as `check_images` takes them. With `largest_connected_component`,
+    `images` are taken as one patient's slices in order and only the largest 3D component is
+    kept.
     """
-    probs = model(images, volume_mean=volume_mean, volume_std=volume_std, brain_stats=brain_stats)
+    threshold = check_threshold(threshold)
+    probs = model(
+        images,
+        volume_mean=volume_mean,
+        volume_std=volume_std,
+        brain_stats=brain_stats,
+        scale=scale,
+    )
     masks = (probs > threshold).astype(np.uint8)
     return largest_component(masks) if largest_connected_component else masks
 

@@ -15,8 +15,10 @@ skipped; the rest are still processed, and the result lists the failures.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
+import functools
 import os
 import re
 import zipfile
@@ -28,7 +30,7 @@ from absl import logging
 from PIL import Image
 from scipy import ndimage
 
-from lggunet import files, inference, kaggle3m, normalization
+from lggunet import files, inference, kaggle3m, normalization, walk, workdirs
 from lggunet.errors import DataError
 
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
@@ -59,7 +61,7 @@ def _safe_rel(name: str) -> PurePosixPath | None:
     return path
 
 
-MAX_FILE_BYTES = 64 * 2**20  # a slice TIFF is ~200 KB; larger members are not read
+MAX_FILE_BYTES = walk.MAX_FILE_BYTES  # a slice TIFF is ~200 KB; larger members are not read
 
 
 def _wanted(name: str) -> bool:
@@ -81,7 +83,8 @@ def _mask_key(rel: PurePosixPath) -> tuple[str, str]:
 
 
 def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list[str]]:
-    """(images to predict, {rel: reader} of ground-truth masks, problems found while listing).
+    """(images to predict, {key: (reader, where)} of ground-truth masks, problems found while
+    listing).
     Paths are relative to the input folder (to the file's folder for one file)."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -101,19 +104,18 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
                 problems.append(f"{where}: {info.file_size} bytes unpacked, not a slice; skipped")
             else:
                 files[rel] = (lambda info=info: archive.read(info), where)
-    elif path.is_file():
+    elif not path.is_dir():  # one image (read carefully: it may be a FIFO or huge)
         if not _TIF.search(path.name):
-            raise DataError(f"{path}: not a .tif image, a folder or a zip")
-        files[PurePosixPath(path.name)] = (path.read_bytes, str(path))
-        for sibling in path.parent.iterdir():  # its ground truth, for the overlay
-            if _mask_key(PurePosixPath(sibling.name)) == _image_key(PurePosixPath(path.name)):
-                files[PurePosixPath(sibling.name)] = (sibling.read_bytes, str(sibling))
+            raise DataError(f"{walk.shown(path)}: not a .tif image, a folder or a zip")
+        for sibling in [path, *path.parent.iterdir()]:  # its ground truth, for the overlay
+            rel = PurePosixPath(sibling.name)
+            if sibling == path or _mask_key(rel) == _image_key(PurePosixPath(path.name)):
+                files[rel] = (functools.partial(walk.read_file, sibling), walk.shown(sibling))
     else:
-        for file in sorted(path.rglob("*")):
-            rel = PurePosixPath(file.relative_to(path).as_posix())
-            if file.is_file() and _wanted(rel.as_posix()):
-                files[rel] = (file.read_bytes, str(file))
-    masks = {_mask_key(rel): reader for rel, (reader, _) in files.items() if _MASK.search(rel.name)}
+        found, problems = walk.list_files(path, lambda rel: _wanted(rel.as_posix()))
+        for f in found:
+            files[f.rel] = (functools.partial(walk.read_file, f.path), walk.shown(f.path))
+    masks = {_mask_key(rel): entry for rel, entry in files.items() if _MASK.search(rel.name)}
     images = []
     for rel, (reader, where) in sorted(files.items()):
         if _MASK.search(rel.name):
@@ -186,8 +188,22 @@ def predict_path(
     largest_connected_component: bool = False,
 ) -> PredictResult:
     """Predicts every image under `input_path` into `output` (see the module docstring)."""
-    images, masks, problems = collect_inputs(input_path)
+    threshold = inference.check_threshold(threshold)
     output = Path(output).expanduser()
+    workdirs.make_writable_dir(output, "--output")
+    images, masks, problems = collect_inputs(input_path)
+    inputs = {os.path.realpath(it.where) for it in images} | {
+        os.path.realpath(where) for _, where in masks.values()
+    }
+    # x_12.tif and x_12.tiff (or X_12.TIF) would write the same outputs: such images keep
+    # their extension in the output names (x_12_tif_pred_mask.tif, x_12_tiff_pred_mask.tif).
+    clashes = collections.Counter((it.rel.parent, it.rel.stem.lower()) for it in images)
+
+    def out_stem(rel: PurePosixPath) -> str:
+        return (
+            rel.stem if clashes[(rel.parent, rel.stem.lower())] == 1 else rel.name.replace(".", "_")
+        )
+
     result = PredictResult(failures=list(problems))
     for message in problems:
         logging.error("%s", message)
@@ -230,14 +246,22 @@ def predict_path(
         tumour_slices, area = 0, 0
         overlap = {"intersection": 0, "true": 0, "complete": True}  # per-volume Dice
         for (item, image), pred in zip(loaded, preds, strict=True):
-            stem = item.rel.stem
+            stem = out_stem(item.rel)
             out_dir = output / Path(*item.rel.parent.parts)
             mask_path = out_dir / f"{stem}_pred_mask.tif"
             png = out_dir / f"{stem}_overlay.png"
+            if {os.path.realpath(mask_path), os.path.realpath(png)} & inputs:
+                message = (
+                    f"{mask_path}: is an input file; not overwritten (choose another --output)"
+                )
+                result.failures.append(message)
+                logging.error("%s", message)
+                overlap["complete"] = False
+                continue
             truth = None
             if item.mask_key is not None:
                 try:
-                    truth = read_mask_bytes(masks[item.mask_key](), item.where)
+                    truth = read_mask_bytes(masks[item.mask_key][0](), item.where)
                 except Exception:  # a broken ground truth only loses the green outline
                     truth = None
                 if truth is not None and truth.shape != pred.shape:

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from lggunet import (
+    config_checks,
     dataset,
     evaluation,
     files,
@@ -365,6 +366,7 @@ def evaluate_run(
     test patients are the ones held out in training); data paths and `evaluate.*` come from
     `config`.
     """
+    config_checks.check(config)
     workdir, checkpoints = inference.find_checkpoints(workdir)
     run_config = inference.saved_config(workdir) or config
     run_config = ml_collections.ConfigDict(run_config.to_dict())

@@ -190,3 +190,38 @@ def test_nothing_in_the_workdir_is_unpickled(tiny_config, tmp_path, monkeypatch)
     assert (workdir / "report.json").exists()
     # And no pickle files are written there either.
     assert not [p for p in workdir.rglob("*") if p.suffix in (".pkl", ".pickle", ".npy")]
+
+
+def test_every_file_of_a_checkpoint_emptied_falls_back_or_restores(tmp_path):
+    """Each file of the latest checkpoint in turn is emptied (orbax's metrics JSON, its
+    metadata, the record, the array store): opening the folder never fails, and restoring
+    gives either that checkpoint whole or the one before it, never an exception."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    base = tmp_path / "ck"
+    store = checkpointing.CheckpointStore(base)
+    store.save(1, {"a": jnp.ones(3)}, {"val_loss": 0.5, "epoch": 1})
+    store.save(2, {"a": jnp.full(3, 2.0)}, {"val_loss": 0.7, "epoch": 2})
+    store.close()
+    files = sorted(p.relative_to(base) for p in (base / "2").rglob("*") if p.is_file())
+    assert len(files) >= 8 and Path("2/metrics/metrics") in files
+    fell_back = []
+    for rel in files:
+        copy = tmp_path / "copy" / "ck"
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        shutil.copytree(base, copy)
+        (copy / rel).write_bytes(b"")
+        store = checkpointing.CheckpointStore(copy)
+        state, meta = store.restore_latest({"a": jnp.zeros(3)})
+        assert (meta["epoch"], float(state["a"][0])) in {(2, 2.0), (1, 1.0)}, rel
+        if meta["epoch"] == 1:
+            fell_back.append(rel.as_posix())
+            assert not (copy / "2").exists()  # moved aside, so step 2 can be saved again
+            assert list((copy.parent / "ck_unreadable").iterdir())
+        best_state, best = store.restore_best({"a": jnp.zeros(3)})
+        assert best["epoch"] == 1 and float(best_state["a"][0]) == 1.0
+        store.close()
+    # The files a checkpoint cannot do without are among those that fell back.
+    assert {"2/metrics/metrics", "2/meta/metadata", "2/state/_METADATA"} <= set(fell_back)

@@ -108,8 +108,10 @@ def test_python_api_gives_the_same_masks_as_the_cli(trained, tmp_path):
             tmp_path / "out" / folder.name / f"TCGA_XX_0001_20000101_{i + 1}_pred_mask.tif"
         )
         np.testing.assert_array_equal(cli, api[i] * 255)
-    probs = model(images[0].astype(np.float32))  # float input on the same 0..255 scale
+    probs = model(images[0].astype(np.float32), scale=1)  # float input, its scale said
     np.testing.assert_array_equal((probs > 0.5).astype(np.uint8), api[0])
+    probs = model(images[0] / np.float32(255), scale=255)  # in [0, 1]: equal up to rounding
+    assert ((probs > 0.5) == api[0]).mean() > 0.999
 
 
 def test_bad_inputs_are_named_and_the_good_ones_still_written(trained, tmp_path):
@@ -236,3 +238,85 @@ def test_copied_channels_named_per_patient(trained, tmp_path):
     }
     assert "TCGA_XX_0001_20000101: all three channels hold the same image" in result.stderr
     assert result.stderr.count("channels hold the same image") == 1
+
+
+def _slice(path: Path, seed: int) -> None:
+    image = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, photometric="rgb")
+
+
+def test_links_fifos_and_clashing_names_in_the_input(trained, tmp_path):
+    from lggunet import predict_files
+
+    data = tmp_path / "in"
+    (data / "P1").mkdir(parents=True)
+    _slice(data / "P1" / "x_12.tif", 0)
+    _slice(data / "P1" / "x_12.tiff", 1)  # same stem: both predicted, neither overwritten
+    _slice(data / "P1" / "X_13.TIF", 2)
+    (tmp_path / "elsewhere").mkdir()
+    _slice(tmp_path / "elsewhere" / "y_1.tif", 3)
+    (data / "P2").symlink_to(data / "P1")  # a patient folder linked inside: followed
+    (data / "P3").symlink_to(tmp_path / "elsewhere")  # out of the input: named
+    os.mkfifo(data / "P1" / "pipe.tif")  # named, never opened
+    model = lggunet.load_model(trained)
+    out = tmp_path / "out"
+    result = predict_files.predict_path(model, data, out)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_pred_mask.tif"))
+    assert written == [
+        "P1/X_13_pred_mask.tif",
+        "P1/x_12_tif_pred_mask.tif",
+        "P1/x_12_tiff_pred_mask.tif",
+    ]
+    a, b = (tifffile.imread(out / "P1" / f"x_12_{e}_pred_mask.tif") for e in ("tif", "tiff"))
+    np.testing.assert_array_equal(
+        a, lggunet.predict(tifffile.imread(data / "P1" / "x_12.tif"), model) * 255
+    )
+    assert b.shape == (64, 64)
+    text = "\n".join(result.failures)
+    assert f"{data / 'P3'}: a symlink out of {data}" in text
+    assert f"{data / 'P1' / 'pipe.tif'}: a FIFO (named pipe), not a file; never opened" in text
+    assert f"{data / 'P2'}: a symlink loop" in text  # P1 listed once, under its own name
+    assert len(result.failures) == 3
+
+
+def test_inputs_are_never_overwritten(trained, tmp_path):
+    from lggunet import predict_files
+
+    data = tmp_path / "in"
+    data.mkdir()
+    _slice(data / "a_1.tif", 0)
+    _slice(data / "a_1_pred_mask.tif", 1)  # a file the output would be named like
+    before = (data / "a_1_pred_mask.tif").read_bytes()
+    result = predict_files.predict_path(lggunet.load_model(trained), data, data)
+    assert (data / "a_1_pred_mask.tif").read_bytes() == before
+    assert any("is an input file; not overwritten" in f for f in result.failures)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--config.predict.threshold=1.5"], "predict.threshold=1.5 is out of range"),
+        (["--config.log_every_steps=0"], "log_every_steps=0 is out of range"),
+        (["--output=FILE"], "--output is a file, not a folder"),
+        (["--input=MISSING"], "MISSING: no such file or folder (--input)"),
+    ],
+)
+def test_predict_user_errors_are_one_line_exit_2(trained, tmp_path, extra, expected):
+    (tmp_path / "FILE").write_text("keep")
+    args = [
+        f"--workdir={trained}",
+        "--mode=predict",
+        f"--input={trained}",
+        f"--output={tmp_path / 'o'}",
+    ]
+    for e in extra:
+        key = e.split("=")[0]
+        value = e.split("=", 1)[1]
+        value = str(tmp_path / value) if value in ("FILE", "MISSING") else value
+        args = [a for a in args if not a.startswith(key + "=")] + [f"{key}={value}"]
+    result = run(args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "FILE").read_text() == "keep"
