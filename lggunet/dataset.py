@@ -21,9 +21,25 @@ CHECKSUMS_FILE = "lggunet_checksums.json"  # digests of the prepared files, besi
 
 
 def data_dir(data_config: ml_collections.ConfigDict) -> Path:
-    """Prepared data sets: `data.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    """Prepared data sets: `data.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets;
+    a ConfigError naming the setting when it cannot be a folder."""
+    setting = (
+        "data.data_dir"
+        if data_config.get("data_dir")
+        else "$TFDS_DATA_DIR"
+        if os.environ.get("TFDS_DATA_DIR")
+        else "the default data_dir"
+    )
     path = data_config.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    return Path(path).expanduser()
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(
+                f"{path}: {setting} cannot be a folder ({p} is a file); point it at a folder"
+            )
+        if p.exists():
+            break
+    return path
 
 
 def default_manual_dir(data_config: ml_collections.ConfigDict) -> Path:

@@ -35,3 +35,34 @@ def test_cpu_recipe_size():
     params = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0))).params
     expected = unet_parameters(config.model.features, config.model.depth)
     assert sum(x.size for x in jax.tree.leaves(params)) == expected == 1_944_049
+
+
+def _set(config, field, value):
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+
+
+@pytest.mark.parametrize("field", sorted(config_checks.RANGES))
+def test_every_ranged_field_refuses_values_outside_its_range(field):
+    low, high, inclusive = config_checks.RANGES[field]
+    outside = []
+    if low is not None:
+        outside.append(low - 1 if inclusive else low)
+    if high is not None:
+        outside.append(high + 1 if inclusive else high)
+    for value in outside:
+        config = unet.get_config()
+        _set(config, field, value)
+        with pytest.raises(config_checks.ConfigError) as e:
+            config_checks.check(config)
+        stored = config_checks._get(config, field)  # ConfigDict keeps a float field float
+        assert str(e.value).startswith(f"{field}={stored!r} is out of range"), str(e.value)
+        assert stored == value
+    config = unet.get_config()
+    _set(config, field, float("nan"))
+    with pytest.raises(config_checks.ConfigError, match=f"{field}=nan must be a number"):
+        config_checks.check(config)

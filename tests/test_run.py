@@ -62,3 +62,39 @@ def test_demo_config_trains_on_the_phantom(tmp_path):
     assert "epoch 2/2" in result.stderr
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert final["test"]["num_slices"] == 8  # one phantom patient of 8 slices
+
+
+def test_unusable_data_dir_is_one_line_naming_the_setting(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    flag = run(
+        [
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.data.data_dir={a_file}",
+        ],
+        tmp_path,
+    )
+    assert flag.returncode == 2
+    assert flag.stderr.strip().splitlines()[-1] == (
+        f"error: {a_file}: data.data_dir cannot be a folder ({a_file} is a file); "
+        "point it at a folder"
+    )
+    env_path = tmp_path / "env"
+    env_path.write_text("keep")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path / 'v'}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "TFDS_DATA_DIR": str(env_path / "sub"), "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "$TFDS_DATA_DIR cannot be a folder" in result.stderr.strip().splitlines()[-1]
+    assert a_file.read_text() == env_path.read_text() == "keep"
