@@ -9,6 +9,7 @@ python run.py --config=configs/demo.py --workdir=runs/demo --mode=predict --inpu
 from __future__ import annotations
 
 import logging as pylogging
+import os
 import sys
 from pathlib import Path
 
@@ -71,11 +72,13 @@ class _QuietLibraries(pylogging.Filter):
 
 def _predict() -> int:
     if not FLAGS.input or not FLAGS.output:
-        raise app.UsageError("--mode=predict needs --input=PATH and --output=DIR")
+        raise ConfigError("--mode=predict needs --input=PATH and --output=DIR")
     config = FLAGS.config
-    workdirs.make_writable_dir(Path(FLAGS.output).expanduser(), "--output")
-    if not Path(FLAGS.input).expanduser().exists():
+    if not os.path.lexists(Path(FLAGS.input).expanduser()):
         raise DataError(f"{FLAGS.input}: no such file or folder (--input)")
+    if not inference.is_cv_workdir(FLAGS.workdir):  # a missing run is named before --output
+        inference.find_checkpoints(FLAGS.workdir)
+    workdirs.make_writable_dir(Path(FLAGS.output).expanduser(), "--output")
     model = inference.load_model_for(config, FLAGS.workdir, tta=config.predict.tta)
     result = predict_files.predict_path(
         model,
@@ -93,7 +96,8 @@ def _predict() -> int:
     for message in result.failures:
         print(f"error: {message}", file=sys.stderr)
     if result.failures:
-        print(f"{len(result.failures)} input(s) failed; the others were written", file=sys.stderr)
+        others = "the others were written" if result.written else "nothing was written"
+        print(f"{len(result.failures)} input(s) failed; {others}", file=sys.stderr)
         return 1
     return 0
 
@@ -103,6 +107,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+        if not FLAGS.workdir.strip():
+            raise ConfigError("--workdir is empty: name the run's folder (e.g. --workdir=runs/x)")
         config_checks.check(FLAGS.config)  # in every mode, before any work
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():
@@ -140,12 +146,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     instead of a traceback."""
     try:
         return FLAGS(argv)
-    except flags.Error as e:
-        print(
-            f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    except flags.Error as e:  # a value of the wrong type, an unknown flag
+        message = " ".join(str(e).split())
+        print(f"error: {message} (--helpshort lists the flags)", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:  # an override naming no field of the config
         message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         print(f"error: bad --config override: {message}", file=sys.stderr)

@@ -82,7 +82,10 @@ def check(config: ml_collections.ConfigDict) -> None:
             f"data.image_size={size} must be a positive multiple of 2**model.depth={2**depth}"
         )
     fractions = tuple(config.data.split_fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+    numeric = all(
+        isinstance(f, int | float) and not isinstance(f, bool) and f == f for f in fractions
+    )
+    if not numeric or len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
         raise ConfigError(
             f"data.split_fractions={fractions} must be (train, validation, test), "
             "non-negative, summing to 1"
@@ -148,3 +151,24 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")
     if not 0 <= config.model.get("bn_momentum", 0.99) < 1:
         raise ConfigError(f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")
+
+
+def check_saved(config: ml_collections.ConfigDict, path) -> None:
+    """A run's saved config.json holds what loading its model needs, in range; ConfigError
+    naming the file otherwise."""
+    try:
+        check_ranges(config)
+        for field in ("data.image_size", "data.normalize", "model.features", "model.depth"):
+            if _get(config, field) is None:
+                raise ConfigError(f"it lacks {field}")
+        if config.data.normalize not in NORMALIZATIONS:
+            raise ConfigError(
+                f"data.normalize={config.data.normalize!r} is not one of {list(NORMALIZATIONS)}"
+            )
+        if config.data.image_size % 2**config.model.depth:
+            raise ConfigError("data.image_size is not a multiple of 2**model.depth")
+    except (ConfigError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"{path}: not a usable saved config ({e}); restore the file the run wrote, or "
+            "train again into another workdir"
+        ) from e

@@ -182,6 +182,8 @@ def verify_prepared(folder: Path) -> None:
         return
     try:
         before = json.loads(path.read_text())
+        if not isinstance(before, dict):
+            raise ValueError(f"a JSON {type(before).__name__}, not an object")
     except (OSError, ValueError) as e:
         raise DataError(
             f"{path}: unreadable ({e}); delete {folder} and rerun to prepare it again"

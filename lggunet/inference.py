@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from lggunet import files, kaggle3m, models, normalization, parallel
+from lggunet import config_checks, files, kaggle3m, models, normalization, parallel
 from lggunet.checkpointing import CheckpointStore
 from lggunet.errors import ConfigError, InputError
 
@@ -48,9 +49,14 @@ def saved_config(workdir: str | Path) -> ml_collections.ConfigDict | None:
     if not path.exists():
         return None
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
+        tree = json.loads(path.read_text())
+        if not isinstance(tree, dict):
+            raise ValueError(f"a JSON {type(tree).__name__}, not an object")
+        config = ml_collections.ConfigDict(tree)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a readable config ({e})") from e
+    config_checks.check_saved(config, path)
+    return config
 
 
 @functools.partial(jax.jit, static_argnames=("module", "image_size", "normalize", "tta"))
@@ -173,7 +179,13 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
 
 def check_threshold(threshold: float) -> float:
     """A probability threshold strictly between 0 and 1 (InputError naming it otherwise)."""
-    if not isinstance(threshold, int | float) or not 0 < threshold < 1:
+    if isinstance(threshold, np.ndarray) and threshold.ndim == 0:
+        threshold = threshold.item()
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0 < threshold < 1
+    ):
         raise InputError(
             f"threshold={threshold!r} must be a probability strictly between 0 and 1 (p > "
             "threshold is tumour; 0.5 is the default)"
@@ -186,7 +198,18 @@ def check_images(images, scale: float | None = None) -> np.ndarray:
     scale, or an InputError saying what was expected: integers in 0..255 (uint8 as read from
     the TIFFs), or floats with an explicit `scale` (255 for images in [0, 1], 1 for 0..255);
     finite; channels last (pre-contrast, FLAIR, post-contrast); at least one pixel."""
-    images = np.asarray(images)
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < np.inf
+    ):
+        raise InputError(f"scale={scale!r} must be a positive number (255 for images in [0, 1])")
+    if isinstance(images, np.ma.MaskedArray):
+        raise InputError(
+            "images are a masked array: fill the masked pixels first (images.filled(0))"
+        )
+    try:
+        images = np.asarray(images)
+    except ValueError as e:  # a ragged list of slices
+        raise InputError(f"images cannot be one array ({e}): give slices of one size") from e
     if images.dtype.kind not in "uif":
         raise InputError(f"images of dtype {images.dtype}: expected uint8 (or float with scale=)")
     if images.ndim not in (3, 4) or images.shape[-1] != 3:
@@ -199,19 +222,23 @@ def check_images(images, scale: float | None = None) -> np.ndarray:
         )
     if images.size == 0:
         raise InputError(f"images of shape {images.shape} hold no pixels: give at least one slice")
+    if images.dtype.kind == "f" and scale is None:
+        raise InputError(
+            f"images are {images.dtype}: say their scale, scale=255 for values in [0, 1] "
+            "or scale=1 for 0..255 (the model was trained on 0..255 uint8 TIFFs)"
+        )
+    if scale not in (None, 1):  # in float64, checked after: no overflow or underflow slips by
+        images = images.astype(np.float64) * float(scale)
     if images.dtype.kind == "f":
-        if scale is None:
-            raise InputError(
-                f"images are {images.dtype}: say their scale, scale=255 for values in [0, 1] "
-                "or scale=1 for 0..255 (the model was trained on 0..255 uint8 TIFFs)"
-            )
         bad = int(np.count_nonzero(~np.isfinite(images)))
         if bad:
-            raise InputError(f"images hold {bad} NaN or infinite value(s)")
-        images = images.astype(np.float32) * np.float32(scale)
-    elif scale not in (None, 1):
-        images = images.astype(np.float32) * np.float32(scale)
+            raise InputError(f"images hold {bad} NaN or infinite value(s) (after scaling)")
     low, high = float(images.min()), float(images.max())
+    if 0 < high < 1:
+        raise InputError(
+            f"images reach only {high:g} after scaling, not one step of 0..255: the scale "
+            "is likely wrong (255 for images in [0, 1], 1 for 0..255)"
+        )
     if low < 0 or high > 255 * (1 + 1e-3):
         raise InputError(
             f"images range over {low:g}..{high:g} after scaling, expected 0..255 (uint8 TIFFs): "

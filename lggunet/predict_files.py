@@ -36,6 +36,7 @@ from lggunet.errors import DataError
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
 _MASK = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
 _SLICE_NUMBER = re.compile(r"_(\d+)\.tiff?$", re.IGNORECASE)
+_OUR_MASK = re.compile(r"_pred_mask\.tif$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,14 @@ MAX_FILE_BYTES = walk.MAX_FILE_BYTES  # a slice TIFF is ~200 KB; larger members 
 
 
 def _wanted(name: str) -> bool:
-    """A .tif that is not macOS metadata (`__MACOSX/`, `._name.tif`)."""
+    """A .tif that is not macOS metadata (`__MACOSX/`, `._name.tif`) nor a mask this command
+    wrote before (`*_pred_mask.tif`: predicting into the input folder twice)."""
     parts = PurePosixPath(name).parts
     return (
         bool(_TIF.search(name))
         and "__MACOSX" not in parts
         and not PurePosixPath(name).name.startswith("._")
+        and not _OUR_MASK.search(name)
     )
 
 
@@ -97,9 +100,13 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
             if info.is_dir() or not _wanted(info.filename):
                 continue
             rel = _safe_rel(info.filename)
-            where = f"{path}!{info.filename}"
+            where = walk.shown(f"{path}!{info.filename}")
             if rel is None:
                 problems.append(f"{where}: path leaves the output folder; skipped")
+            elif rel in files:
+                problems.append(
+                    f"{where}: the same file as {files[rel][1]} (one output path); skipped"
+                )
             elif info.file_size > MAX_FILE_BYTES:
                 problems.append(f"{where}: {info.file_size} bytes unpacked, not a slice; skipped")
             else:
@@ -243,7 +250,7 @@ def predict_path(
             preds = list(inference.largest_component(np.stack(preds)))
         elif largest_connected_component:
             preds = [inference.largest_component(p) for p in preds]
-        tumour_slices, area = 0, 0
+        tumour_slices, area, written_slices = 0, 0, 0
         overlap = {"intersection": 0, "true": 0, "complete": True}  # per-volume Dice
         for (item, image), pred in zip(loaded, preds, strict=True):
             stem = out_stem(item.rel)
@@ -281,22 +288,25 @@ def predict_path(
                 )
             except OSError as e:
                 overlap["complete"] = False  # its area is not counted below: no Dice
-                message = f"{mask_path}: cannot write ({e})"
+                message = f"{mask_path}: cannot write ({e.strerror or e})"
                 result.failures.append(message)
                 logging.error("%s", message)
                 continue
             result.written += [mask_path, png]
+            written_slices += 1
             tumour_slices += int(pred.any())
             area += int(pred.sum())
         done += len(items)
         patient = case or (
             folder.name if folder.parts else _root_name(Path(input_path).expanduser())
         )
+        if not written_slices:  # nothing of this volume was written: no row to mislead
+            continue
         result.volumes.append(
             {
                 "patient": patient,
                 "folder": folder.as_posix(),
-                "slices": len(loaded),
+                "slices": written_slices,
                 "slices_with_tumour": tumour_slices,
                 "tumour_area_pixels": area,
                 **_volume_dice(overlap, area, len(loaded) == len(items)),
@@ -306,8 +316,8 @@ def predict_path(
         if copied == "all three":
             logging.warning(
                 "%s: all three channels hold the same image (modalities missing and copied); "
-                "the 4 such scans of the 49 scored 0.31 mean per-volume Dice in "
-                "cross-validation, against 0.66 for all (RESULTS.md): check its masks",
+                "the 4 such scans of the 49 scored 0.53 mean per-volume Dice in "
+                "cross-validation, against 0.73 for all (RESULTS.md): check its masks",
                 patient,
             )
         logging.info(

@@ -17,6 +17,7 @@ was swapped for a FIFO since it was listed).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -34,8 +35,12 @@ class Found:
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path for messages: bytes that are not UTF-8 are escaped, never an encoding error."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path for messages, on one line: bytes that are not UTF-8 and control characters (a
+    newline in a file name) are escaped, never an encoding error or a forged line."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def _kind(mode: int) -> str:
@@ -89,18 +94,27 @@ def list_files(
                 is_dir = entry.is_dir()  # follows links
             except OSError:
                 is_dir = False
-            if not is_dir and not wanted(child):
+            broken_link = entry.is_symlink() and not is_dir and not os.path.exists(path)
+            # A broken link is named when it could have been an input: a wanted name, or a
+            # name without an extension (a folder, say a patient's).
+            if not is_dir and not wanted(child) and not (broken_link and "." not in entry.name):
                 continue  # not an input: left alone, not even opened
             if not _is_utf8(entry.name):
                 problems.append(f"{shown(path)}: the name is not valid UTF-8; rename it")
                 continue
             if entry.is_symlink():
-                target = path.resolve()
-                if not target.exists():
-                    problems.append(
-                        f"{shown(path)}: a symlink to {shown(target)}, which is missing"
-                    )
+                try:
+                    os.stat(path)
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        problems.append(f"{shown(path)}: a symlink loop (it leads to itself)")
+                    else:
+                        problems.append(
+                            f"{shown(path)}: a symlink to {shown(os.readlink(path))}, which is "
+                            "missing"
+                        )
                     continue
+                target = Path(os.path.realpath(path))
                 if not inside(target):
                     problems.append(
                         f"{shown(path)}: a symlink out of {shown(root)} (to {shown(target)}); "

@@ -125,8 +125,14 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: Path, config_fil
     """Raises ConfigError, before anything is written, when `workdir` holds checkpoints of a
     run whose saved config differs from `config` outside FREE_FIELDS."""
     path = workdir / config_file
-    if not path.exists() or not has_checkpoints(workdir):
+    if not has_checkpoints(workdir):
         return
+    if not path.exists():
+        raise ConfigError(
+            f"{workdir} holds checkpoints but no {config_file} (deleted, or a run from before "
+            "lggunet saved it), so this run cannot be checked against them: put back the "
+            "config.json it was trained with, or use another workdir"
+        )
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -160,7 +166,14 @@ def recorded_splits(workdir: Path) -> dict | None:
         return None
     try:
         record = json.loads(path.read_text())
-        record["patients"]  # noqa: B018 (the one key every record has)
+        patients = record["patients"]
+        if not isinstance(patients, dict) or not all(
+            isinstance(v, list) and all(isinstance(p, str) for p in v) for v in patients.values()
+        ):
+            raise ValueError("'patients' is not a list of patient ids per split")
+        for key in ("source", "fingerprint"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"no {key!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"{path}: unreadable ({e!r}); it says which patients trained this model, so "
@@ -174,8 +187,8 @@ def record_or_check_splits(workdir: Path, metadata: dict) -> None:
     from the recorded one (the model would go on training on its validation or test
     patients)."""
     now = split_record(metadata)
-    before = recorded_splits(workdir)
-    if before is None:
+    before = recorded_splits(workdir) if has_checkpoints(workdir) else None
+    if before is None:  # a first start (or one that crashed before its first checkpoint)
         files.write_atomic(workdir / SPLITS_FILE, json.dumps(now, indent=1) + "\n")
         return
     if before["patients"] != now["patients"] or before.get("slices") != now.get("slices"):

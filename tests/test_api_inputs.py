@@ -44,12 +44,19 @@ BAD = {
     "bool": (UINT8 > 100, {}, "dtype bool"),
     "strings": (np.array([["a"]]), {}, "dtype <U1"),
     "scale that overshoots": (UINT8, {"scale": 255}, "after scaling"),
+    "scale that underflows": (UINT8 / 255.0, {"scale": 1e-46}, "the scale is likely wrong"),
+    "overflow times underflow": (np.full((1, 8, 8, 3), 1e300), {"scale": 1e-300}, None),
+    "masked array": (np.ma.masked_array(UINT8, UINT8 > 200), {}, "fill the masked pixels"),
+    "ragged list": ([UINT8[0], UINT8[1, :16]], {}, "give slices of one size"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_arrays_are_input_errors_that_say_what_was_expected(model, case):
     images, kwargs, expected = BAD[case]
+    if expected is None:  # 1e300 * 1e-300 is 1: a valid, if odd, way to say 0..255
+        assert lggunet.predict(images, model, **kwargs).shape == (1, 8, 8)
+        return
     with pytest.raises(InputError) as e:
         lggunet.predict(images, model, **kwargs)
     assert expected in str(e.value) and "\n" not in str(e.value)
@@ -69,10 +76,25 @@ def test_accepted_arrays_give_the_same_masks(model):
     np.testing.assert_allclose(from_unit, probs, atol=1e-5)
 
 
-@pytest.mark.parametrize("threshold", [0, 1, 1.5, -0.1, float("nan"), "0.5"])
+@pytest.mark.parametrize("threshold", [0, 1, 1.5, -0.1, float("nan"), "0.5", True])
 def test_threshold_must_be_a_probability(model, threshold):
     with pytest.raises(InputError, match="strictly between 0 and 1"):
         lggunet.predict(UINT8, model, threshold=threshold)
+
+
+def test_numpy_scalars_are_numbers(model):
+    reference = lggunet.predict(UINT8, model)
+    for threshold in (np.float32(0.5), np.float64(0.5), np.array(0.5)):
+        np.testing.assert_array_equal(lggunet.predict(UINT8, model, threshold=threshold), reference)
+    np.testing.assert_array_equal(
+        lggunet.predict(UINT8.astype(np.float32), model, scale=np.int64(1)), reference
+    )
+
+
+@pytest.mark.parametrize("scale", [0, -255, float("nan"), float("inf"), "255"])
+def test_scale_must_be_a_positive_number(model, scale):
+    with pytest.raises(InputError, match="must be a positive number"):
+        lggunet.predict(UINT8 / 255.0, model, scale=scale)
 
 
 def test_ensemble_checks_once_and_passes_the_scale_on(model):

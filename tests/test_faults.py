@@ -112,7 +112,10 @@ def run_cli(*args):
     "args, code, message",
     [
         (["--config.batch_sizee=4"], 2, 'Did you mean "batch_size"'),
-        (["--config.batch_size=abc"], 1, "--config.batch_size=abc: invalid literal for int()"),
+        (["--config.batch_size=abc"], 2, "--config.batch_size=abc: invalid literal for int()"),
+        (["--config.num_epochs=1.5"], 2, "error: flag --config.num_epochs=1.5"),
+        (["--config.data.split_fractions=('a','b','c')"], 2, "data.split_fractions=('a', 'b'"),
+        (["--workdir="], 2, "error: --workdir is empty"),
         (["--config.batch_size=0"], 2, "batch_size=0 must be a positive multiple of the 1 dev"),
         (
             ["--config.data.split_fractions=(0.5,0.2,0.2)"],
@@ -131,7 +134,8 @@ def test_config_errors_come_before_any_work(args, code, message, tmp_path):
     workdir = tmp_path / "w"
     result = run_cli(f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}", *args)
     assert result.returncode == code, result.stderr[-2000:]
-    assert message in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "tfds").exists()  # no data was prepared
 

@@ -320,3 +320,37 @@ def test_predict_user_errors_are_one_line_exit_2(trained, tmp_path, extra, expec
     assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert (tmp_path / "FILE").read_text() == "keep"
+
+
+def test_predicting_into_the_input_folder_twice_gives_the_same_outputs(trained, tmp_path):
+    from lggunet import predict_files
+
+    data = tmp_path / "same"
+    data.mkdir()
+    for i in range(3):
+        _slice(data / f"TCGA_AA_0001_20000101_{i + 1}.tif", i)
+    model = lggunet.load_model(trained)
+    first = predict_files.predict_path(model, data, data)
+    masks = {p.name: p.read_bytes() for p in data.glob("*_pred_mask.tif")}
+    rows = read_csv(data / "volumes.csv")
+    second = predict_files.predict_path(model, data, data)  # its own outputs are not inputs
+    assert not first.failures and not second.failures
+    assert {p.name: p.read_bytes() for p in data.glob("*_pred_mask.tif")} == masks
+    assert len(masks) == 3 and read_csv(data / "volumes.csv") == rows
+
+
+def test_zip_members_that_are_one_file_are_named(trained, tmp_path):
+    from lggunet import predict_files
+
+    _slice(tmp_path / "x.tif", 0)
+    archive = tmp_path / "odd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(tmp_path / "x.tif", "p/X_1.tif")
+        zf.write(tmp_path / "x.tif", "p//X_1.tif")
+        zf.write(tmp_path / "x.tif", "./p/X_1.tif")
+    result = predict_files.predict_path(lggunet.load_model(trained), archive, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*_pred_mask.tif")) == [
+        "X_1_pred_mask.tif"
+    ]
+    assert len(result.failures) == 2
+    assert all("(one output path); skipped" in f for f in result.failures)

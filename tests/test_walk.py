@@ -39,8 +39,12 @@ def test_links_inside_are_followed_and_the_rest_named(tmp_path):
     (root / "gone.tif").symlink_to(root / "nothing.tif")  # dangling: named
     os.mkfifo(root / "pipe.tif")  # would block a reader: named, never opened
     (root / "notes.txt").symlink_to(tmp_path / "outside.tif")  # not wanted: left alone
+    (root / "self.tif").symlink_to(root / "self.tif")  # a link to itself: named
+    (root / "TCGA_gone").symlink_to(tmp_path / "nowhere")  # a folder link to nothing: named
+    (root / "c\nerror: fake.tif").write_bytes(b"3")  # a newline in a name: one line still
+    os.mkfifo(root / "c\nerror: pipe.tif")
     found, problems = walk.list_files(root, tif)
-    assert names(found) == ["a/x_1.tif", "c.tif"]  # b/ is a/ again: listed once
+    assert names(found) == ["a/x_1.tif", "c\nerror: fake.tif", "c.tif"]  # b/ = a/: once
     text = "\n".join(problems)
     assert f"{root / 'b'}: a symlink loop" in text or f"{root / 'a'}: a symlink loop" in text
     assert f"{root / 'a' / 'loop'}: a symlink loop" in text
@@ -48,7 +52,10 @@ def test_links_inside_are_followed_and_the_rest_named(tmp_path):
     assert f"{root / 'gone.tif'}: a symlink to {root / 'nothing.tif'}, which is missing" in text
     assert f"{root / 'pipe.tif'}: a FIFO (named pipe), not a file; never opened" in text
     assert "notes.txt" not in text
-    assert all("\n" not in p for p in problems)
+    assert f"{root / 'self.tif'}: a symlink loop (it leads to itself)" in text
+    assert f"{root / 'TCGA_gone'}: a symlink to {tmp_path / 'nowhere'}, which is missing" in text
+    assert f"{root}/c\\nerror: pipe.tif: a FIFO" in text
+    assert all("\n" not in p for p in problems) and len(problems) == 8
 
 
 def test_huge_sparse_file_is_named_before_reading(tmp_path):

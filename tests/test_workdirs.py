@@ -138,3 +138,52 @@ def test_config_differences_ignore_free_fields_and_fields_older_runs_lack(tiny_c
         f"augment.enabled: {tiny_config.augment.enabled!r} -> {config.augment.enabled!r}",
         "data.image_size: 32 -> 64",
     ]
+
+
+def test_damaged_or_missing_run_files_are_one_line_errors(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, str(workdir))
+    config_text = (workdir / "config.json").read_text()
+
+    # Checkpoints without config.json: a rerun with other settings cannot be checked, so it
+    # is refused, and nothing is written (the checkpoints stay usable with the config back).
+    (workdir / "config.json").unlink()
+    other = type(tiny_config)(tiny_config.to_dict())
+    other.model.features = 8
+    with pytest.raises(ConfigError, match="holds checkpoints but no config.json"):
+        train.train_and_evaluate(other, str(workdir))
+    assert not (workdir / "config.json").exists()
+    (workdir / "config.json").write_text(config_text)
+    assert inference.load_model(workdir).step > 0
+
+    # config.json that is JSON of the wrong shape, or out of range.
+    for text in ("[1, 2]", "{}", '{"data": {"cv_folds": "x"}}'):
+        (workdir / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match="config.json: not a "):
+            inference.load_model(workdir)
+    bad = json.loads(config_text)
+    bad["model"]["depth"] = 50
+    (workdir / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="model.depth=50 is out of range"):
+        inference.load_model(workdir)
+    (workdir / "config.json").write_text(config_text)
+
+    # splits.json of the wrong shape.
+    kept = (workdir / "splits.json").read_text()
+    for text in ('{"patients": 5}', '{"patients": {"train": 5}}', "[]"):
+        (workdir / "splits.json").write_text(text)
+        with pytest.raises(ConfigError, match="splits.json: unreadable"):
+            report.evaluate_run(tiny_config, workdir)
+    (workdir / "splits.json").write_text(kept)
+
+
+def test_a_leftover_splits_json_without_checkpoints_is_replaced(
+    tiny_config, synthetic_kaggle_3m, tmp_path
+):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "splits.json").write_text(
+        json.dumps({"patients": {"train": ["TCGA_ZZ_0000"]}, "source": "x", "fingerprint": "y"})
+    )
+    train.train_and_evaluate(_on_folder(tiny_config, synthetic_kaggle_3m), str(workdir))
+    assert json.loads((workdir / "splits.json").read_text())["source"] == str(synthetic_kaggle_3m)
