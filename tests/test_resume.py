@@ -114,7 +114,7 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
         timeout=300,
     )
     assert other.returncode == 2, other.stderr
-    assert "other settings (batch_size: 16 -> 8)" in other.stderr, other.stderr
+    assert "other settings (batch_size: 4 -> 8)" in other.stderr, other.stderr
 
     again = start(tmp_path / "cut", data_dir)
     out, _ = again.communicate(timeout=600)
