@@ -109,6 +109,12 @@ def main(argv: list[str]) -> None:
     try:
         if not FLAGS.workdir.strip():
             raise ConfigError("--workdir is empty: name the run's folder (e.g. --workdir=runs/x)")
+        for name in ("workdir", "input", "output"):
+            value = FLAGS[name].value
+            if value and walk.shown(value) != value:  # a newline would split the messages
+                raise ConfigError(
+                    f"--{name}={walk.shown(value)}: the path holds a control character; rename it"
+                )
         config_checks.check(FLAGS.config)  # in every mode, before any work
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():

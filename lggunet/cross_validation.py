@@ -166,7 +166,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     for key in ("manual_dir", "data_dir"):
         if config.data.get(key):
             saved.data[key] = config.data[key]
-    for fold in range(folds):
+    for fold in range(folds):  # every fold checked before any is rescored
         fold_dir = inference.fold_workdir(workdir, fold)
         if not (fold_dir / DONE_FILE).exists():
             raise ConfigError(
@@ -174,7 +174,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 "command to finish the cross-validation"
             )
         _check_done_fold(fold_config(saved, fold), fold_dir)
-        report.evaluate_run(fold_config(config, fold), fold_dir, splits=("validation", "test"))
+    for fold in range(folds):
+        fconfig = fold_config(saved, fold)  # the run's settings, this command's evaluate.*
+        fconfig.evaluate = config.evaluate
+        fconfig.eval_batch_size = config.eval_batch_size
+        fold_dir = inference.fold_workdir(workdir, fold)
+        report.evaluate_run(fconfig, fold_dir, splits=("validation", "test"))
     return write_report(workdir)
 
 

@@ -103,6 +103,12 @@ class Model:
         single = images.ndim == 3
         if single:
             images = images[None]
+        for name, value, shape in (
+            ("volume_mean", volume_mean, (3,)),
+            ("volume_std", volume_std, (3,)),
+            ("brain_stats", brain_stats, (6, 3)),
+        ):
+            _check_statistics(name, value, shape, len(images))
         if self.normalize == "zscore_volume" and volume_mean is None:
             volume_mean, volume_std = kaggle3m.volume_statistics(images)
         if self.normalize == "brain_zscore" and brain_stats is None:
@@ -177,6 +183,24 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
     return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
+def _check_statistics(name: str, value, shape: tuple, n: int) -> None:
+    """A per-volume statistic of `shape` (or one per slice, (n, *shape)), finite; a std >= 0."""
+    if value is None:
+        return
+    try:
+        value = np.asarray(value, np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name} is not numeric ({e})") from e
+    if value.shape not in (shape, (n, *shape)):
+        raise InputError(f"{name} of shape {value.shape}: expected {shape} or {(n, *shape)}")
+    if not np.isfinite(value).all():
+        raise InputError(f"{name} holds NaN or infinite values")
+    if name == "brain_stats" and (value[..., 5, :] <= 0).any():
+        raise InputError("brain_stats' std row (5) must be positive (see brain_statistics)")
+    if name == "volume_std" and (value < 0).any():
+        raise InputError("volume_std must not be negative (a channel's spread over the volume)")
+
+
 def check_threshold(threshold: float) -> float:
     """A probability threshold strictly between 0 and 1 (InputError naming it otherwise)."""
     if isinstance(threshold, np.ndarray) and threshold.ndim == 0:
@@ -198,6 +222,8 @@ def check_images(images, scale: float | None = None) -> np.ndarray:
     scale, or an InputError saying what was expected: integers in 0..255 (uint8 as read from
     the TIFFs), or floats with an explicit `scale` (255 for images in [0, 1], 1 for 0..255);
     finite; channels last (pre-contrast, FLAIR, post-contrast); at least one pixel."""
+    if isinstance(scale, np.ndarray) and scale.ndim == 0:
+        scale = scale.item()
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < np.inf
     ):
@@ -222,6 +248,7 @@ def check_images(images, scale: float | None = None) -> np.ndarray:
         )
     if images.size == 0:
         raise InputError(f"images of shape {images.shape} hold no pixels: give at least one slice")
+    given_float = images.dtype.kind == "f"
     if images.dtype.kind == "f" and scale is None:
         raise InputError(
             f"images are {images.dtype}: say their scale, scale=255 for values in [0, 1] "
@@ -234,7 +261,7 @@ def check_images(images, scale: float | None = None) -> np.ndarray:
         if bad:
             raise InputError(f"images hold {bad} NaN or infinite value(s) (after scaling)")
     low, high = float(images.min()), float(images.max())
-    if 0 < high < 1:
+    if 0 < high < 1 or (given_float and 0 < high <= 1):
         raise InputError(
             f"images reach only {high:g} after scaling, not one step of 0..255: the scale "
             "is likely wrong (255 for images in [0, 1], 1 for 0..255)"

@@ -336,8 +336,8 @@ def by_recorded_split(builder, sources: dict, record: dict | None, workdir: Path
         for i, key in enumerate(keys):
             picked[labels.get(key, workdirs.UNSEEN)].append((source, i))
     same = all(
-        [s for s, _ in picked[name]] == [source] * len(source)
-        and [i for _, i in picked[name]] == list(range(len(source)))
+        len(picked[name]) == len(source)
+        and all(s is source and i == k for k, (s, i) in enumerate(picked[name]))
         for name, source in sources.items()
     )
     if same and not picked[workdirs.UNSEEN]:
@@ -373,12 +373,24 @@ def evaluate_run(
     for key in ("manual_dir", "data_dir"):
         if config.data[key]:
             run_config.data[key] = config.data[key]
+    run_config.data.skip_invalid = bool(  # a bad slice in the data to evaluate: skipped if asked
+        run_config.data.get("skip_invalid", False) or config.data.get("skip_invalid", False)
+    )
     run_config.evaluate = config.evaluate
     run_config.eval_batch_size = config.eval_batch_size
     model = inference.model_from_config(run_config, checkpoints)
     meta = model.record
-    builder = dataset.prepare(run_config.data)
     record = workdirs.recorded_splits(workdir)
+    if record is not None:
+        source = kaggle3m.open_source(dataset.locate_source(run_config.data))
+        if source.fingerprint() != record["fingerprint"]:
+            # Other data: every patient keeps the split it had in training (by_recorded_split
+            # below), so the data is prepared whole, without a split of its own that a small
+            # folder could not fill.
+            run_config.data.cv_folds, run_config.data.cv_fold = 0, -1
+            run_config.data.split_mode = "patient"
+            run_config.data.split_fractions = (1.0, 0.0, 0.0)
+    builder = dataset.prepare(run_config.data)
     sources = by_recorded_split(builder, builder.as_data_source(), record, workdir)
     report = {
         "checkpoint": {

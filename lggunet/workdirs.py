@@ -53,7 +53,14 @@ class WorkdirBusy(LggUnetError):
 
 
 def make_writable_dir(path: Path, what: str) -> None:
-    """Creates `path` if needed; ConfigError naming it when it is a file or not writable."""
+    """Creates `path` if needed; ConfigError naming it when it is a file, not writable, or
+    inside a run's `checkpoints/` (orbax's folder, which would then hold a stranger)."""
+    for p in (path.absolute(), *path.absolute().parents):
+        if p.name == "checkpoints" and (p.parent / "config.json").exists():
+            raise ConfigError(
+                f"{path}: {what} is inside the checkpoints of the run in {p.parent}; "
+                "use a folder of its own"
+            )
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path}: {what} is a file, not a folder")
     try:

@@ -94,6 +94,10 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
         train.train_and_evaluate(cv_config, str(tmp_path / "elsewhere"))
     assert json.loads((workdir / "config.json").read_text())["data"]["cv_folds"] == 2
 
+    # --mode=evaluate needs no cv_folds on the command line: the run's settings are saved.
+    again = cross_validation.evaluate(plain, workdir)
+    assert again["patients"] == json.loads((workdir / "cv_report.json").read_text())["patients"]
+
     # Data that changed since a fold was done (one byte of a slice) is refused; a touched
     # file with the same content is the same data.
     source = next((tmp_path / "tfds" / "lgg_phantom").glob("*/kaggle_3m/*/*_1.tif"))

@@ -116,6 +116,7 @@ def run_cli(*args):
         (["--config.num_epochs=1.5"], 2, "error: flag --config.num_epochs=1.5"),
         (["--config.data.split_fractions=('a','b','c')"], 2, "data.split_fractions=('a', 'b'"),
         (["--workdir="], 2, "error: --workdir is empty"),
+        (["--workdir=/tmp/x\nerror: forged"], 2, "error: --workdir=/tmp/x\\nerror: forged: the"),
         (["--config.batch_size=0"], 2, "batch_size=0 must be a positive multiple of the 1 dev"),
         (
             ["--config.data.split_fractions=(0.5,0.2,0.2)"],

@@ -187,3 +187,21 @@ def test_a_leftover_splits_json_without_checkpoints_is_replaced(
     )
     train.train_and_evaluate(_on_folder(tiny_config, synthetic_kaggle_3m), str(workdir))
     assert json.loads((workdir / "splits.json").read_text())["source"] == str(synthetic_kaggle_3m)
+
+
+def test_evaluate_on_one_new_patient_and_a_workdir_inside_checkpoints(
+    tiny_config, synthetic_kaggle_3m, tmp_path
+):
+    config = _on_folder(tiny_config, synthetic_kaggle_3m)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    one = tmp_path / "one" / "kaggle_3m"
+    write_case(one, "TCGA_DD_0006_20000106", 3, seed=6)  # too few to split, and never seen
+    config.data.manual_dir = str(one)
+    result = report.evaluate_run(config, workdir)
+    assert set(result["splits"]) == {"unseen"}
+    assert result["splits"]["unseen"]["num_volumes"] == 1
+
+    for inside in (workdir / "checkpoints", workdir / "checkpoints" / "x"):
+        with pytest.raises(ConfigError, match="is inside the checkpoints of the run"):
+            train.train_and_evaluate(tiny_config, str(inside))
