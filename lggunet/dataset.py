@@ -54,9 +54,9 @@ def _download(target: Path) -> Path:
         return Path(kagglehub.dataset_download(KAGGLE_HANDLE))
     except Exception as e:  # no network, no credentials, Kaggle refusing: all end the same way
         raise DataError(
-            f"could not download {KAGGLE_HANDLE} with kagglehub ({type(e).__name__}: {e}).\n"
-            f"Download it by hand and put the zip or the extracted folder in {target}, "
-            f"or pass --config.data.manual_dir=PATH.\n{kaggle3m.HOW_TO_GET_DATA}"
+            f"could not download {KAGGLE_HANDLE} with kagglehub ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}): download it by hand and put the zip or the "
+            f"extracted folder in {target}, or pass --config.data.manual_dir=PATH"
         ) from e
 
 
@@ -88,9 +88,8 @@ def locate_source(data_config: ml_collections.ConfigDict) -> Path:
         return _download(default)
     raise DataError(
         "no LGG data found: --config.data.manual_dir is empty and nothing is in the default "
-        f"place {default}.\nPut the Kaggle zip (lgg-mri-segmentation.zip) or the extracted "
-        f"folder holding kaggle_3m/ in {default}, or pass --config.data.manual_dir=PATH.\n"
-        f"{kaggle3m.HOW_TO_GET_DATA}"
+        f"place {default}; put the Kaggle zip (lgg-mri-segmentation.zip) or the extracted "
+        f"folder holding kaggle_3m/ there, or {kaggle3m.HOW_TO_GET_DATA}"
     )
 
 

@@ -37,7 +37,14 @@ _SLICE_RE = re.compile(
 )
 MAX_SLICE_NUMBER = 100_000  # a scan has tens of slices; the prepared data stores int32
 
-HOW_TO_GET_DATA = """\
+HOW_TO_GET_DATA = (  # one line: it ends error messages
+    "get the data (https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation) as its "
+    "zip or the extracted folder holding kaggle_3m/ and pass --config.data.manual_dir=PATH, or "
+    "pass "
+    "--config.data.download=True (needs Kaggle credentials for kagglehub)"
+)
+# For tfds's manual-download message, which may span lines.
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Get the LGG MRI Segmentation data set (Kaggle `mateuszbuda/lgg-mri-segmentation`) in one of
 these ways:
   * by hand: download the zip from
@@ -221,13 +228,13 @@ def open_source(manual_dir: str | os.PathLike) -> Source:
     """Finds `kaggle_3m/` at, in, or one folder below `manual_dir`, or in a zip there."""
     path = Path(manual_dir).expanduser()
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder.\n{HOW_TO_GET_DATA}")
+        raise DataError(f"{path}: no such file or folder; {HOW_TO_GET_DATA}")
     if path.is_file():
         if not zipfile.is_zipfile(path):
-            raise DataError(f"{path}: not a folder and not a zip file.\n{HOW_TO_GET_DATA}")
+            raise DataError(f"{path}: not a folder and not a zip file; {HOW_TO_GET_DATA}")
         prefix = _zip_prefix(path)
         if prefix is None:
-            raise DataError(f"{path}: the zip holds no `{FOLDER_NAME}/` folder.\n{HOW_TO_GET_DATA}")
+            raise DataError(f"{path}: the zip holds no `{FOLDER_NAME}/` folder; {HOW_TO_GET_DATA}")
         return ZipSource(path, prefix)
     if _looks_like_kaggle_3m(path):
         return FolderSource(path)
@@ -240,7 +247,7 @@ def open_source(manual_dir: str | os.PathLike) -> Source:
             return ZipSource(zip_path, prefix)
     raise DataError(
         f"{path}: found no `{FOLDER_NAME}/` folder, patient folders (TCGA_*) or zip holding "
-        f"them.\n{HOW_TO_GET_DATA}"
+        f"them; {HOW_TO_GET_DATA}"
     )
 
 

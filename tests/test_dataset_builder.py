@@ -183,7 +183,7 @@ def test_offline_download_explains_manual_route(tmp_path, monkeypatch):
     config.download = True
     with pytest.raises(DataError, match="no route to host") as err:
         dataset.prepare(config)
-    assert "Download it by hand" in str(err.value)
+    assert "download it by hand" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_download_uses_kagglehub_path(synthetic_kaggle_3m, tmp_path, monkeypatch):

@@ -25,8 +25,9 @@ def test_no_data_says_where_to_put_it(tmp_path):
     result = run(["--config=configs/unet.py", f"--workdir={tmp_path / 'w'}"], tmp_path)
     assert result.returncode != 0
     expected = tmp_path / "tfds" / "downloads" / "manual" / "lgg_mri_segmentation"
-    assert "error: no LGG data found" in result.stderr
-    assert str(expected) in result.stderr and "--config.data.manual_dir" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # one line: the problem and the fix
+    assert last.startswith("error: no LGG data found")
+    assert str(expected) in last and "--config.data.manual_dir" in last
 
 
 def test_missing_manual_dir_names_it(tmp_path):

@@ -83,7 +83,7 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
         "1.2.0": "Per-volume brain_stats (brain_zscore normalisation; lggunet.normalization).",
     }
     BUILDER_CONFIGS = [make_config(fingerprint="any")]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = kaggle3m.HOW_TO_GET_DATA
+    MANUAL_DOWNLOAD_INSTRUCTIONS = kaggle3m.MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
