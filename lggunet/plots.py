@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lggunet import files  # noqa: E402
+
 
 def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl."""
@@ -33,7 +35,7 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     axes[0].legend()
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))  # never half a PNG
     plt.close(fig)
     return Path(out_png)
 
@@ -69,7 +71,7 @@ def contour_grid(
 ) -> Path:
     """FLAIR (channel 1) with the true (green) and predicted (red, p > 0.5) outlines."""
     fig = _contour_figure(images, masks, probs, titles, columns)
-    fig.savefig(out_png, dpi=100)
+    files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))  # never half a PNG
     plt.close(fig)
     return Path(out_png)
 

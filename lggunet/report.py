@@ -208,7 +208,7 @@ def _box_plot(per_split_rows: dict[str, list[dict]], out_png: Path) -> Path:
     ax.set_title("per-volume Dice by split (plain model, p > 0.5)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))
     plt.close(fig)
     return out_png
 

@@ -22,6 +22,7 @@ from lggunet import augment as augment_lib
 from lggunet import (
     config_checks,
     dataset,
+    files,
     inference,
     input_pipeline,
     losses,
@@ -315,7 +316,7 @@ def _drop_epochs_after(path: Path, epoch: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+    files.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _restore_record(path: Path, meta: dict) -> None:
@@ -687,7 +688,7 @@ def _run_training(config: ml_collections.ConfigDict, workdir_path: Path):
         p_predict, best_state, sources[shown], feed.tumour_area[shown], mesh
     )
     if main:
-        (workdir_path / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        files.write_atomic(workdir_path / "final_metrics.json", json.dumps(final, indent=2) + "\n")
         plots.training_curves(metrics_path, workdir_path / "curves.png")
         grid = workdir_path / f"{shown}_predictions.png"
         plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
