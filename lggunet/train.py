@@ -314,8 +314,16 @@ def _drop_epochs_after(path: Path, epoch: int) -> None:
     """Keeps metrics.jsonl consistent with the restored checkpoint on resume."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-append: dropped, said
+            if line.strip():
+                logging.warning("%s: dropping an unreadable line (%r...)", path, line[:60])
+            continue
+        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+            kept.append(line)
     files.write_atomic(path, "".join(line + "\n" for line in kept))
 
 

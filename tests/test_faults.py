@@ -230,3 +230,16 @@ def test_every_file_of_a_checkpoint_emptied_falls_back_or_restores(tmp_path):
         store.close()
     # The files a checkpoint cannot do without are among those that fell back.
     assert {"2/metrics/metrics", "2/meta/metadata", "2/state/_METADATA"} <= set(fell_back)
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(tmp_path):
+    """A kill mid-append leaves half a line; resuming drops it (and the epochs after the
+    checkpoint) instead of failing on it."""
+    from lggunet import train
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"epoch": 1, "val_loss": 0.5}\n{"epoch": 2, "val_loss": 0.4}\n{"epoch": 3, "va'
+    )
+    train._drop_epochs_after(path, 1)
+    assert path.read_text() == '{"epoch": 1, "val_loss": 0.5}\n'
