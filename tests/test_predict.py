@@ -280,16 +280,25 @@ def test_links_fifos_and_clashing_names_in_the_input(trained, tmp_path):
 
 
 def test_inputs_are_never_overwritten(trained, tmp_path):
+    """Predicting into the input folder leaves every input byte for byte; a mask an earlier
+    prediction wrote there (`*_pred_mask.tif`) is not an input, and is replaced."""
     from lggunet import predict_files
 
     data = tmp_path / "in"
     data.mkdir()
     _slice(data / "a_1.tif", 0)
-    _slice(data / "a_1_pred_mask.tif", 1)  # a file the output would be named like
-    before = (data / "a_1_pred_mask.tif").read_bytes()
-    result = predict_files.predict_path(lggunet.load_model(trained), data, data)
-    assert (data / "a_1_pred_mask.tif").read_bytes() == before
-    assert any("is an input file; not overwritten" in f for f in result.failures)
+    _slice(data / "b_1.tif", 1)
+    tifffile.imwrite(data / "a_1_mask.tif", np.zeros((64, 64), np.uint8))
+    tifffile.imwrite(data / "b_1_pred_mask.tif", np.full((64, 64), 7, np.uint8))  # stale
+    inputs = {p.name: p.read_bytes() for p in data.iterdir() if "_pred_" not in p.name}
+    model = lggunet.load_model(trained)
+    result = predict_files.predict_path(model, data, data)
+    assert not result.failures
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.name in inputs} == inputs
+    fresh = tifffile.imread(data / "b_1_pred_mask.tif")
+    np.testing.assert_array_equal(
+        fresh, lggunet.predict(tifffile.imread(data / "b_1.tif"), model) * 255
+    )
 
 
 @pytest.mark.parametrize(
