@@ -39,9 +39,8 @@ MAX_SLICE_NUMBER = 100_000  # a scan has tens of slices; the prepared data store
 
 HOW_TO_GET_DATA = (  # one line: it ends error messages
     "get the data (https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation) as its "
-    "zip or the extracted folder holding kaggle_3m/ and pass --config.data.manual_dir=PATH, or "
-    "pass "
-    "--config.data.download=True (needs Kaggle credentials for kagglehub)"
+    "zip or the extracted folder holding kaggle_3m/ and pass --config.data.manual_dir=PATH, "
+    "or pass --config.data.download=True (needs Kaggle credentials for kagglehub)"
 )
 # For tfds's manual-download message, which may span lines.
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -118,9 +117,9 @@ class FolderSource(Source):
         return walk.shown(super().describe(member))
 
     def fingerprint(self) -> str:
-        """A digest of the location and every data file's name and content (BLAKE2b: about
-        1 GB/s, 2 s for the full data set), so an edited slice is never served stale, even
-        with its size and time stamp kept."""
+        """A digest of the location and every data file's name and content (BLAKE2b; 3.7 s
+        for the 49 shared patients, 452 MB, on a busy 2-core machine), so an edited slice is
+        never served stale, even with its size and time stamp kept."""
         h = hashlib.blake2b(digest_size=32)
         h.update(repr(str(self.root.resolve())).encode())
         for member in sorted(self.members()):
