@@ -80,7 +80,7 @@ def run_variant(name: str, overrides: str, args) -> dict:
         return _record({"run": name, "overrides": overrides, "error": error}, args)
     code = (
         "import sys; from lggunet import inference, report; "
-        "wd = sys.argv[1]; r = report.evaluate_run(inference.saved_config(wd), wd, "
+        "wd = sys.argv[1]; r = report.evaluate_run(configuration.saved_config(wd), wd, "
         "splits=('validation',)); v = r['splits']['validation']['variants']; "
         "print('SCORES', __import__('json').dumps({k: [m['volume_dice']['mean'], "
         "m['volume_dice']['median']] for k, m in v.items()}))"
@@ -111,17 +111,17 @@ def ensemble_scores(name: str, members: list[str], args) -> dict:
     """Validation scores of the members' averaged probabilities (inference.Ensemble), scored as
     report.evaluate_run scores one model."""
     sys.path.insert(0, str(REPO))
-    from lggunet import dataset, inference, report
+    from lggunet import configuration, dataset, inference, report
 
     workdirs = [Path(args.runs) / m for m in members]
     missing = [w.name for w in workdirs if not (w / "report.json").exists()]
     if missing:
         return _record({"run": name, "error": f"members not finished: {missing}"}, args)
-    config = inference.saved_config(workdirs[0])
-    model = inference.Ensemble([inference.load_model(w) for w in workdirs])
+    config = configuration.saved_config(workdirs[0])
+    members = tuple(inference.load_model(w).weights for w in workdirs)  # one architecture
     source = dataset.prepare(config.data).as_data_source()["validation"]
-    split = report._predict_split(model, source, config.eval_batch_size, tta=True)
-    scores = report._score(split, config)[0]["variants"]
+    split = report.score_source(members, source, config, tta=True)
+    scores = report.score_split(split, config)[0]["variants"]
     row = {"run": name, "overrides": "ensemble of " + ",".join(members)}
     for variant, v in scores.items():
         row[variant] = [v["volume_dice"]["mean"], v["volume_dice"]["median"]]

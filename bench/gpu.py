@@ -94,11 +94,12 @@ def measure(config, steps: int) -> dict:
     """Compiles and times the train step for `config` on a synthetic, device-resident batch."""
     import jax
 
-    from lggunet import parallel, train
+    from lggunet import parallel
+    from lggunet import steps as step_lib
 
     mesh = parallel.data_mesh()
-    state, rng = train.initial_state(config, mesh)
-    step = train.compile_steps(config, mesh).train
+    state, rng = step_lib.initial_state(config, mesh)
+    step = step_lib.compile_steps(config, mesh).train
     size, batch = config.data.image_size, config.batch_size
     batch_arrays = parallel.global_batch(common.synthetic_batch(batch, size), mesh)
     t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import jax
 
-    from configs import unet
+    from lggunet.configs import unet
 
     rows = []
     for dtype in args.dtypes.split(","):

@@ -28,8 +28,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from configs import demo, unet  # noqa: E402
-from lggunet import augment, dataset, input_pipeline, train  # noqa: E402
+from lggunet import augment, dataset, input_pipeline, steps, train  # noqa: E402
+from lggunet.configs import demo, unet  # noqa: E402
 
 H100_IMAGES_PER_S = 700.0
 
@@ -87,7 +87,7 @@ def step_rate(config, batch: int, repeats: int) -> tuple[float, float]:
     """(train step images/s, augmentation seconds as a share of the step)."""
     config.batch_size = batch
     size = config.data.image_size
-    state = train.create_train_state(config, jax.random.key(0))
+    state = steps.create_train_state(config, jax.random.key(0))
     rng = np.random.default_rng(0)
     host = {
         "image": rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8),
@@ -97,7 +97,7 @@ def step_rate(config, batch: int, repeats: int) -> tuple[float, float]:
         "volume_std": np.ones((batch, 3), np.float32),
     }
     device = jax.device_put(host)
-    options = train.StepOptions.from_config(config)
+    options = steps.StepOptions.from_config(config)
     step = jax.jit(train.train_step, static_argnames="options")
     holder = {"state": state}
 

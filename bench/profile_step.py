@@ -75,15 +75,15 @@ def main() -> None:
     import jax
     from jax.profiler import ProfileData
 
-    from configs import unet
-    from lggunet import parallel, train
+    from lggunet import parallel, steps
+    from lggunet.configs import unet
 
     config = unet.get_config()
     config.model.features, config.batch_size, config.augment.enabled = args.base, 8, False
     mesh = parallel.data_mesh()
-    state, rng = train.initial_state(config, mesh)
+    state, rng = steps.initial_state(config, mesh)
     batch = parallel.global_batch(common.synthetic_batch(8, 256), mesh)
-    compiled = train.compile_steps(config, mesh).train.lower(state, batch, rng).compile()
+    compiled = steps.compile_steps(config, mesh).train.lower(state, batch, rng).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     classes = classify(compiled.as_text())

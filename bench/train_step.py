@@ -49,16 +49,17 @@ def lggunet_worker(base: int, batch: int, steps: int) -> dict:
     sys.path.insert(0, str(REPO))
     import jax
 
-    from configs import unet
-    from lggunet import parallel, train
+    from lggunet import parallel
+    from lggunet import steps as step_lib
+    from lggunet.configs import unet
 
     config = unet.get_config()
     config.model.features = base
     config.batch_size = batch
     config.augment.enabled = False
     mesh = parallel.data_mesh()
-    state, rng = train.initial_state(config, mesh)
-    steps_fn = train.compile_steps(config, mesh)
+    state, rng = step_lib.initial_state(config, mesh)
+    steps_fn = step_lib.compile_steps(config, mesh)
     batch_arrays = parallel.global_batch(common.synthetic_batch(batch, 256), mesh)
     t0 = time.perf_counter()
     state, out = steps_fn.train(state, batch_arrays, rng)

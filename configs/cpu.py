@@ -1,55 +1,5 @@
-"""The real-data recipe for a 2-core CPU: 5-fold cross-validation whose fold models predict as
-one ensemble.
+"""`lggunet.configs.cpu`, for `--config=configs/cpu.py` (the configs live in the package)."""
 
-    python run.py --config=configs/cpu.py --config.data.manual_dir=PATH --workdir=runs/cpu
-    python run.py --config=configs/cpu.py --workdir=runs/cpu --mode=predict --input=P --output=O
+from lggunet.configs.cpu import get_config
 
-The first command trains one model per fold (`runs/cpu/fold_<k>/`, resumable fold by fold)
-and writes `runs/cpu/cv_report.md`: every patient scored once, by the model that never saw it.
-The second predicts with the 5 fold models averaged, keeping the largest 3D connected
-component per patient. On the 49 shared patients: 5 x ~25 minutes alone on 2 CPU cores (11
-epochs of ~1,600 examples, tumour slices twice, at 13-15 images/s, plus the fold's
-evaluation). RESULTS.md has its cross-validated per-volume Dice there.
-
-Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam 1e-3
-with the plateau schedule, Dice + BCE, `brain_zscore` normalisation (statistics over the
-brain, robust to the scanner's background and brightness), Buda et al. spatial augmentation
-plus nnU-Net-style intensity augmentation, and the slices that carry tumour drawn twice per
-epoch. Choices were made on a fixed validation split of 15 of the 49 patients and on 5-fold
-cross-validations (oversampling: +0.095 mean per-volume Dice over the 49, paired CI +0.04 to
-+0.15, at 15 epochs on a GPU; the epochs then cut from 15 to 11 to keep the steps, and the CPU
-time, of the recipe before it; the largest component: +0.014; flip TTA: +0.001 at twice the
-cost, so off); none on test patients. The same settings scale up on an accelerator (raise
-data.image_size, model.features, num_epochs).
-"""
-
-import ml_collections
-
-from configs import unet
-
-
-def get_config() -> ml_collections.ConfigDict:
-    config = unet.get_config()
-    config.batch_size = 16
-    config.eval_batch_size = 32
-    # 11 epochs of ~1.37x the slices (tumour slices twice): the steps of 15 plain epochs.
-    config.num_epochs = 11
-    config.learning_rate = 1e-3
-    config.loss = "bce_dice"
-    config.log_every_steps = 20
-    config.early_stopping.patience = 10
-    config.data.image_size = 128
-    config.data.normalize = "brain_zscore"
-    config.data.cv_folds = 5
-    config.data.cv_fold = -1
-    # Cross-validated on a GPU at 15 epochs (RESULTS.md): 0.732 against 0.638 plain.
-    config.data.oversample_tumour = 2.0
-    config.augment.preset = "buda2019_intensity"
-    config.model.features = 16
-    config.model.depth = 4
-    # model.bn_momentum stays Keras's 0.99: 0.9 steadied the validation loss of one run but did
-    # not raise validation Dice (RESULTS.md: D vs C, E vs B).
-    # Chosen on the cross-validation of the 49 (RESULTS.md): TTA +0.001 mean at twice the cost.
-    config.predict.tta = False
-    config.predict.largest_component = True
-    return config
+__all__ = ["get_config"]

@@ -123,11 +123,30 @@ class CheckpointStore:
         )
         return restored.state, dict(restored.meta)
 
-    def _restore_first_good(self, steps: list[int], template: Any) -> tuple[Any, dict]:
+    def restore_weights(self, step: int, abstract: dict) -> tuple[dict, dict]:
+        """(only the parts of checkpoint `step`'s state named in `abstract`, e.g. {"params",
+        "batch_stats"} as shape/dtype structs, on the default device; its record). What
+        inference needs, without the optimizer's moments."""
+        path = self.directory / str(step) / "state"
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+        )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        weights = ocp.PyTreeCheckpointer().restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True
+            ),
+        )
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(weights), {**dict(meta.meta), "checkpoint_step": step}
+
+    def _restore_first_good(self, steps: list[int], restore) -> tuple[Any, dict]:
         failed: list[tuple[int, str]] = []  # (step, error type)
         for step in steps:
             try:
-                state, meta = self.restore(step, template)
+                state, meta = restore(step)
             except Exception as e:  # a corrupted or truncated checkpoint
                 logging.warning(
                     "Checkpoint %s/%d cannot be read (%s: %s); trying the previous one",
@@ -167,15 +186,27 @@ class CheckpointStore:
                 shutil.move(str(source), str(destination))
                 logging.warning("Moved checkpoint %s (%s) to %s", source, why, destination)
 
+    def _best_first(self) -> list[int]:
+        best = self.best_step()
+        rest = sorted((s for s in self.manager.all_steps() if s != best), reverse=True)
+        return ([best] if best is not None else []) + rest
+
     def restore_latest(self, template: Any) -> tuple[Any, dict]:
         """The newest checkpoint that reads back whole (older ones on failure, warned)."""
-        return self._restore_first_good(sorted(self.manager.all_steps(), reverse=True), template)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        return self._restore_first_good(steps, lambda step: self.restore(step, template))
 
     def restore_best(self, template: Any) -> tuple[Any, dict]:
         """The best checkpoint by val_loss, or the next readable one (warned)."""
-        best = self.best_step()
-        rest = sorted((s for s in self.manager.all_steps() if s != best), reverse=True)
-        return self._restore_first_good(([best] if best is not None else []) + rest, template)
+        return self._restore_first_good(
+            self._best_first(), lambda step: self.restore(step, template)
+        )
+
+    def restore_best_weights(self, abstract: dict) -> tuple[dict, dict]:
+        """`restore_weights` of the best checkpoint, or of the next readable one (warned)."""
+        return self._restore_first_good(
+            self._best_first(), lambda step: self.restore_weights(step, abstract)
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -21,16 +21,12 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import dataset, files, inference, kaggle3m, report, splits, workdirs
+from lggunet import configuration, dataset, files, kaggle3m, report, report_files, splits, workdirs
 from lggunet.errors import ConfigError
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 DONE_FILE = "fold_done.json"
 MISS = 0.1  # a patient whose per-volume Dice is below this counts as missed
@@ -46,7 +42,7 @@ def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.
 
 
 def _folds_to_run(config: ml_collections.ConfigDict) -> list[int]:
-    folds, fold = config.data.cv_folds, config.data.get("cv_fold", -1)
+    folds, fold = config.data.cv_folds, config.data.cv_fold
     return list(range(folds)) if fold < 0 else [fold]
 
 
@@ -63,8 +59,8 @@ def _settings(config: ml_collections.ConfigDict) -> dict:
 def _check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Refuses, before anything is written, a workdir that holds another kind of run or a
     cross-validation with another split."""
-    saved = inference.saved_config(workdir)
-    if saved is not None and int(saved.data.get("cv_fold", -1)) >= 0:
+    saved = configuration.saved_config(workdir)
+    if saved is not None and int(saved.data.cv_fold) >= 0:
         raise ConfigError(
             f"{workdir} is fold {saved.data.cv_fold} of a cross-validation; pass its parent "
             "folder as the workdir"
@@ -76,7 +72,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
         )
     if saved is None:
         return
-    before = _settings(saved) if saved.data.get("cv_folds", 0) else {"cv_folds": 0}
+    before = _settings(saved) if saved.data.cv_folds else {"cv_folds": 0}
     now = _settings(config)
     if before != now:
         differ = ", ".join(
@@ -127,21 +123,21 @@ def _check_done_fold(fconfig: ml_collections.ConfigDict, fold_dir: Path) -> None
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     """Trains and scores every fold still to do (or only `data.cv_fold`), then writes the
     cross-validation report when all folds are done; returns it (None while folds remain)."""
-    from lggunet import config_checks, train
+    from lggunet import train
 
-    config_checks.check(config)
+    configuration.check(config)
     workdir = Path(workdir).expanduser()
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"{workdir}: --workdir is a file, not a folder")
     _check_workdir(config, workdir)
     whole = ml_collections.ConfigDict(config.to_dict())
     whole.data.cv_fold = -1
-    workdirs.check_resumable(whole, workdir, inference.CONFIG_FILE)
+    workdirs.check_resumable(whole, workdir, configuration.CONFIG_FILE)
     workdirs.make_writable_dir(workdir, "--workdir")
-    inference.save_config(whole, workdir)  # load_model(WORKDIR) reads the fold count here
+    configuration.save_config(whole, workdir)  # load_model(WORKDIR) reads the fold count here
     folds = config.data.cv_folds
     for fold in _folds_to_run(config):
-        fold_dir = inference.fold_workdir(workdir, fold)
+        fold_dir = workdirs.fold_workdir(workdir, fold)
         fconfig = fold_config(config, fold)
         if (fold_dir / DONE_FILE).exists():
             _check_done_fold(fconfig, fold_dir)
@@ -161,13 +157,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`--mode=evaluate` on a cross-validation workdir: rescore every fold's validation and
     test patients with `config.evaluate`'s variants, then rewrite the report."""
     workdir = Path(workdir).expanduser()
-    folds = inference.cv_folds_of(workdir)
-    saved = inference.saved_config(workdir)  # the run's split, with this command's data paths
-    for key in ("manual_dir", "data_dir"):
-        if config.data.get(key):
-            saved.data[key] = config.data[key]
+    folds = workdirs.cv_folds_of(workdir)
+    # The run's split and models, with this command's data paths and evaluate.* settings.
+    saved = configuration.for_evaluation(configuration.saved_config(workdir), config)
     for fold in range(folds):  # every fold checked before any is rescored
-        fold_dir = inference.fold_workdir(workdir, fold)
+        fold_dir = workdirs.fold_workdir(workdir, fold)
         if not (fold_dir / DONE_FILE).exists():
             raise ConfigError(
                 f"{fold_dir}: fold {fold} of {folds} is not finished; rerun the training "
@@ -175,16 +169,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             )
         _check_done_fold(fold_config(saved, fold), fold_dir)
     for fold in range(folds):
-        fconfig = fold_config(saved, fold)  # the run's settings, this command's evaluate.*
-        fconfig.evaluate = config.evaluate
-        fconfig.eval_batch_size = config.eval_batch_size
-        fold_dir = inference.fold_workdir(workdir, fold)
+        fconfig = fold_config(saved, fold)
+        fold_dir = workdirs.fold_workdir(workdir, fold)
         report.evaluate_run(fconfig, fold_dir, splits=("validation", "test"))
     return write_report(workdir)
 
 
 def all_done(workdir: Path, folds: int) -> bool:
-    return all((inference.fold_workdir(workdir, k) / DONE_FILE).exists() for k in range(folds))
+    return all((workdirs.fold_workdir(workdir, k) / DONE_FILE).exists() for k in range(folds))
 
 
 def bootstrap_ci(
@@ -223,15 +215,13 @@ def _read_rows(fold_dir: Path, split: str) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["split"] == split]
 
 
-def write_report(workdir: str | Path) -> dict:
-    """Aggregates the folds' test patients into cv_report.json / .md, cv_patients.csv and
-    cv_volume_dice.png; returns the report."""
-    workdir = Path(workdir).expanduser()
-    folds = inference.cv_folds_of(workdir)
+def _gather_folds(workdir: Path, folds: int) -> tuple[list[dict], list[dict], list[int]]:
+    """(every fold's test rows with their fold, each fold's notebook table, its slices),
+    checking that the folds test each patient exactly once."""
     rows, notebook, weights, seen = [], [], [], set()
     total = None
     for fold in range(folds):
-        fold_dir = inference.fold_workdir(workdir, fold)
+        fold_dir = workdirs.fold_workdir(workdir, fold)
         record = _read_record(fold_dir)
         fold_rows = _read_rows(fold_dir, "test")
         tested = {r["patient"] for r in fold_rows}
@@ -245,12 +235,42 @@ def write_report(workdir: str | Path) -> dict:
         seen |= tested
         total = record["num_patients"]
         rows += [{**r, "fold": fold} for r in fold_rows]
-        fold_report = json.loads((fold_dir / "report.json").read_text())
-        test = fold_report["splits"]["test"]
+        test = json.loads((fold_dir / "report.json").read_text())["splits"]["test"]
         notebook.append(test["notebook"])
         weights.append(test["num_slices"])
     if total is not None and len(seen) != total:
         raise ConfigError(f"{workdir}: the folds test {len(seen)} of {total} patients")
+    return rows, notebook, weights
+
+
+def _variant_summary(rows: list[dict], column: str, folds: int) -> dict:
+    """One variant's per-volume Dice over all patients, by institution, for the "A" series,
+    the scans with one image in all channels, and per fold."""
+    dice = [float(r[column]) for r in rows]
+    entry = summarize(dice)
+    by_inst: dict[str, list[float]] = {}
+    for r, d in zip(rows, dice, strict=True):
+        by_inst.setdefault(splits.institution_of(r["patient"]), []).append(d)
+    entry["institutions"] = {k: summarize(by_inst[k]) for k in sorted(by_inst)}
+    entry["a_series"] = summarize(
+        [d for r, d in zip(rows, dice, strict=True) if is_a_series(r["patient"])]
+    )
+    entry["copied_all_channels"] = summarize(  # one image in all three channels
+        [d for r, d in zip(rows, dice, strict=True) if r.get("copied_channels") == "all three"]
+    )
+    entry["per_fold"] = [
+        float(np.mean([d for r, d in zip(rows, dice, strict=True) if r["fold"] == k]))
+        for k in range(folds)
+    ]
+    return entry
+
+
+def write_report(workdir: str | Path) -> dict:
+    """Aggregates the folds' test patients into cv_report.json / .md, cv_patients.csv and
+    cv_volume_dice.png; returns the report."""
+    workdir = Path(workdir).expanduser()
+    folds = workdirs.cv_folds_of(workdir)
+    rows, notebook, weights = _gather_folds(workdir, folds)
     variants = [v for v, col in VARIANT_COLUMNS.items() if rows and all(col in r for r in rows)]
     result = {
         "workdir": str(workdir),
@@ -258,28 +278,9 @@ def write_report(workdir: str | Path) -> dict:
         "patients": len(rows),
         "slices": int(sum(weights)),
         "miss_threshold": MISS,
-        "variants": {},
+        "variants": {v: _variant_summary(rows, VARIANT_COLUMNS[v], folds) for v in variants},
         "notebook": {},
     }
-    for v in variants:
-        col = VARIANT_COLUMNS[v]
-        dice = [float(r[col]) for r in rows]
-        entry = summarize(dice)
-        by_inst: dict[str, list[float]] = {}
-        for r, d in zip(rows, dice, strict=True):
-            by_inst.setdefault(splits.institution_of(r["patient"]), []).append(d)
-        entry["institutions"] = {k: summarize(by_inst[k]) for k in sorted(by_inst)}
-        entry["a_series"] = summarize(
-            [d for r, d in zip(rows, dice, strict=True) if is_a_series(r["patient"])]
-        )
-        entry["copied_all_channels"] = summarize(  # one image in all three channels
-            [d for r, d in zip(rows, dice, strict=True) if r.get("copied_channels") == "all three"]
-        )
-        entry["per_fold"] = [
-            float(np.mean([d for r, d in zip(rows, dice, strict=True) if r["fold"] == k]))
-            for k in range(folds)
-        ]
-        result["variants"][v] = entry
     for name in notebook[0] if notebook else []:
         w = np.asarray(weights, np.float64)
         result["notebook"][name] = {
@@ -287,9 +288,9 @@ def write_report(workdir: str | Path) -> dict:
             for key in notebook[0][name]
         }
     result["best_variant"] = max(variants, key=lambda v: result["variants"][v]["mean"])
-    result = report._json_safe(result)
+    result = report_files.json_safe(result)
     files.write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
-    files.write_atomic(workdir / "cv_report.md", markdown(result))
+    files.write_atomic(workdir / "cv_report.md", report_files.cv_markdown(result))
     fields = ["patient", "institution", "fold", "slices", "true_area", "copied_channels"] + [
         VARIANT_COLUMNS[v] for v in variants
     ]
@@ -298,7 +299,7 @@ def write_report(workdir: str | Path) -> dict:
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["patient"]))
     files.write_atomic(workdir / "cv_patients.csv", table.getvalue())
-    _plot(rows, workdir / "cv_volume_dice.png")
+    report_files.cv_plot(rows, workdir / "cv_volume_dice.png", MISS)
     plain = result["variants"]["plain"]
     logging.info(
         "Cross-validation over %d patients: per-volume Dice %.4f (median %.4f, 95%% CI "
@@ -312,88 +313,3 @@ def write_report(workdir: str | Path) -> dict:
         workdir / "cv_report.md",
     )
     return result
-
-
-def _fmt(x, digits: int = 4) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
-
-
-def markdown(result: dict) -> str:
-    """The report as Markdown: overall, per institution, "A" series, per fold, notebook."""
-    lines = [
-        "# Cross-validation report",
-        "",
-        f"{result['folds']}-fold patient-level cross-validation of `{result['workdir']}`: "
-        f"{result['patients']} patients ({result['slices']} slices), each scored once by the "
-        "fold model that never saw it, at 256x256. Per-volume Dice: each patient's slices as "
-        "one 3D mask, p > 0.5. 95% CI: bootstrap over patients. Missed: Dice < "
-        f"{result['miss_threshold']}.",
-        "",
-        "| variant | patients | mean | median | 95% CI | missed | per fold |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for v, e in result["variants"].items():
-        lines.append(
-            f"| {v} | {e['patients']} | {_fmt(e['mean'])} | {_fmt(e['median'])} | "
-            f"{_fmt(e['ci95'][0])}-{_fmt(e['ci95'][1])} | {e['missed']} | "
-            + ", ".join(_fmt(x, 3) for x in e["per_fold"])
-            + " |"
-        )
-    lines += ["", f"Best variant by mean: **{result['best_variant']}**.", ""]
-    lines += [
-        "## By institution and series (plain)",
-        "",
-        "| group | patients | mean | median | missed |",
-    ]
-    lines.append("| --- | --- | --- | --- | --- |")
-    plain = result["variants"]["plain"]
-    groups = {f"institution {k}": e for k, e in plain["institutions"].items()}
-    groups['"A" series'] = plain["a_series"]
-    if plain.get("copied_all_channels", {}).get("patients"):
-        groups["one image in all three channels"] = plain["copied_all_channels"]
-    for name, e in groups.items():
-        lines.append(
-            f"| {name} | {e['patients']} | {_fmt(e['mean'])} | {_fmt(e['median'])} | "
-            f"{e['missed']} |"
-        )
-    lines += [
-        "",
-        "## The notebook's table (test folds, weighted by slices)",
-        "",
-        "Batch formulas over the flattened batch of soft predictions, smooth=100; empty slices "
-        "inflate them.",
-        "",
-        "| variant | Loss | Accuracy | Dice | IoU |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for v, m in result["notebook"].items():
-        lines.append(
-            f"| {v} | {_fmt(m['loss'])} | {100 * m['accuracy']:.2f}% | {_fmt(m['dice'])} | "
-            f"{_fmt(m['iou'])} |"
-        )
-    lines += ["", "Files: `cv_report.json`, `cv_patients.csv`, `cv_volume_dice.png`.", ""]
-    return "\n".join(lines)
-
-
-def _plot(rows: list[dict], out_png: Path) -> None:
-    """Per-volume Dice of every patient by institution (plain variant)."""
-    by_inst: dict[str, list[float]] = {}
-    for r in rows:
-        by_inst.setdefault(splits.institution_of(r["patient"]), []).append(float(r["dice"]))
-    names = sorted(by_inst)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(names), 3.6))
-    ax.boxplot([by_inst[n] for n in names], showmeans=True)
-    for i, n in enumerate(names, 1):
-        jitter = np.random.default_rng(i).uniform(-0.08, 0.08, len(by_inst[n]))
-        ax.scatter(np.full(len(by_inst[n]), i) + jitter, by_inst[n], s=12, alpha=0.6)
-    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n({len(by_inst[n])})" for n in names])
-    ax.axhline(MISS, color="red", lw=0.8, ls="--")
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("per-volume Dice (test fold)")
-    ax.set_title("cross-validation: every patient scored by the model that never saw it")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))
-    finally:
-        plt.close(fig)

@@ -65,7 +65,7 @@ def locate_source(data_config: ml_collections.ConfigDict) -> Path:
     a kagglehub download when `data.download` is set; otherwise a DataError saying what to do."""
     if data_config.manual_dir:
         return Path(data_config.manual_dir).expanduser()
-    if data_config.get("phantom", False):
+    if data_config.phantom:
         root = (
             data_dir(data_config)
             / "lgg_phantom"
@@ -84,7 +84,7 @@ def locate_source(data_config: ml_collections.ConfigDict) -> Path:
     default = default_manual_dir(data_config)
     if default.exists() and any(default.iterdir()):
         return default
-    if data_config.get("download", False):
+    if data_config.download:
         return _download(default)
     raise DataError(
         "no LGG data found: --config.data.manual_dir is empty and nothing is in the default "
@@ -118,7 +118,7 @@ def prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
 
 
 def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
-    if data_config.get("cv_folds", 0) and data_config.get("cv_fold", -1) < 0:
+    if data_config.cv_folds and data_config.cv_fold < 0:
         raise ConfigError(
             f"data.cv_folds={data_config.cv_folds} with data.cv_fold=-1 (every fold) names no "
             "single split: train with run.py or lggunet.cross_validation.run, or set cv_fold"
@@ -131,9 +131,9 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
         split_mode=data_config.split_mode,
         split_seed=data_config.split_seed,
         split_fractions=tuple(data_config.split_fractions),
-        skip_invalid=bool(data_config.get("skip_invalid", False)),
-        cv_folds=int(data_config.get("cv_folds", 0)),
-        cv_fold=int(data_config.get("cv_fold", 0)),
+        skip_invalid=bool(data_config.skip_invalid),
+        cv_folds=int(data_config.cv_folds),
+        cv_fold=int(data_config.cv_fold) if data_config.cv_folds else 0,
     )
     builder = LggMriSegmentation(
         config=config, data_dir=str(data_dir(data_config)), file_format="array_record"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import re
 import zipfile
@@ -22,19 +21,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import tifffile
 
-from lggunet import walk
+from lggunet import slices, walk
 from lggunet.errors import DataError
 
 IMAGE_SHAPE = (256, 256, 3)
 MASK_SHAPE = (256, 256)
 FOLDER_NAME = "kaggle_3m"
 
-_SLICE_RE = re.compile(
-    r"^(?P<case>(?P<patient>TCGA_(?P<institution>[A-Za-z0-9]{2})_[A-Za-z0-9]+)_[0-9]+)"
-    r"_(?P<index>[0-9]+)(?P<mask>_(?i:mask))?\.(?i:tiff?)$"
-)
+_SLICE_RE = slices.SLICE_NAME
 MAX_SLICE_NUMBER = 100_000  # a scan has tens of slices; the prepared data stores int32
 
 HOW_TO_GET_DATA = (  # one line: it ends error messages
@@ -103,7 +98,7 @@ class FolderSource(Source):
 
     def members(self) -> dict[str, int]:
         if self._members is None:
-            found, self.problems = walk.list_files(self.root, _is_data_file, MAX_PIXELS_BYTES)
+            found, self.problems = walk.list_files(self.root, _is_data_file)
             self._members = {f.rel.as_posix(): f.path.stat().st_size for f in found}
         return self._members
 
@@ -111,7 +106,7 @@ class FolderSource(Source):
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def read(self, member: str) -> bytes:
-        return walk.read_file(self.root / member, MAX_PIXELS_BYTES)
+        return walk.read_file(self.root / member)
 
     def describe(self, member: str) -> str:
         return walk.shown(super().describe(member))
@@ -145,8 +140,7 @@ class ZipSource(Source):
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{zip_path}: not a readable zip ({e})") from e
         for info in self._zip.infolist():
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename:
+            if slices.safe_member(info.filename) is None:
                 raise DataError(
                     f"{zip_path}!{info.filename}: member path escapes the archive (absolute or "
                     "'..'); refusing this zip (it is read in place; nothing was written)"
@@ -171,7 +165,7 @@ class ZipSource(Source):
 
     def read(self, member: str) -> bytes:
         info = self._infos.get(member)
-        if info is not None and info.file_size > MAX_PIXELS_BYTES:
+        if info is not None and info.file_size > slices.MAX_FILE_BYTES:
             raise DataError(
                 f"{self.describe(member)}: {info.file_size} bytes unpacked, not a slice"
             )
@@ -324,62 +318,14 @@ def list_slices(source: Source, problems: list[str] | None = None) -> list[Slice
     return slices
 
 
-MAX_PIXELS_BYTES = 64 * 2**20  # a slice is 192 KiB; refuse to decode what claims more
-
-
-def decode_tiff(data: bytes, where: str) -> np.ndarray:
-    """The one page of a TIFF file's bytes; DataError naming `where` if it is not exactly one
-    readable page of plausible size (a hostile header cannot make it allocate gigabytes)."""
-    try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            if len(tif.pages) == 0:
-                raise DataError(f"{where}: unreadable TIFF (no image in it)")
-            if len(tif.pages) != 1:
-                raise DataError(f"{where}: a stack of {len(tif.pages)} pages, expected one slice")
-            page = tif.pages[0]
-            if int(np.prod(page.shape, dtype=np.int64)) * page.dtype.itemsize > MAX_PIXELS_BYTES:
-                raise DataError(
-                    f"{where}: claims a {page.shape} {page.dtype} image, far larger than a slice"
-                )
-            return page.asarray()
-    except DataError:
-        raise
-    except Exception as e:  # tifffile raises many types on broken files
-        raise DataError(f"{where}: unreadable TIFF ({type(e).__name__}: {e})") from e
-
-
-def _read_tiff(source: Source, member: str) -> np.ndarray:
-    return decode_tiff(source.read(member), source.describe(member))
-
-
 def read_image(source: Source, member: str) -> np.ndarray:
     """The (256, 256, 3) uint8 image (pre-contrast, FLAIR, post-contrast)."""
-    image = _read_tiff(source, member)
-    if image.shape != IMAGE_SHAPE or image.dtype != np.uint8:
-        raise DataError(
-            f"{source.describe(member)}: image is {image.dtype} {image.shape}, "
-            f"expected uint8 {IMAGE_SHAPE}"
-        )
-    return image
+    return slices.read_image(source.read(member), source.describe(member), IMAGE_SHAPE)
 
 
 def read_mask(source: Source, member: str) -> np.ndarray:
     """The (256, 256) uint8 mask in {0, 1}; files may hold {0, 255} or {0, 1}."""
-    mask = _read_tiff(source, member)
-    if mask.ndim == 3 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.shape != MASK_SHAPE or mask.dtype != np.uint8:
-        raise DataError(
-            f"{source.describe(member)}: mask is {mask.dtype} {mask.shape}, "
-            f"expected uint8 {MASK_SHAPE}"
-        )
-    values = np.unique(mask)
-    if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
-        raise DataError(
-            f"{source.describe(member)}: mask values {values[:8].tolist()} are not in "
-            "{0, 255} (or {0, 1})"
-        )
-    return (mask > 0).astype(np.uint8)
+    return slices.read_mask(source.read(member), source.describe(member), MASK_SHAPE)
 
 
 def volume_statistics(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -82,15 +82,9 @@ def per_volume_dice(
 ) -> dict[str, float]:
     """Patient id -> Dice of all that patient's slices taken as one 3D mask (the literature's
     metric, Buda et al. 2019). A volume empty in both truth and prediction scores 1.0."""
-    ids = np.asarray(patient_ids)
-    out = {}
-    for pid in sorted(set(ids.tolist())):
-        sel = ids == pid
-        out[pid] = float(
-            _dice_from_counts(
-                np.sum(np.asarray(intersection)[sel]),
-                np.sum(np.asarray(true_area)[sel]),
-                np.sum(np.asarray(pred_area)[sel]),
-            )
-        )
-    return out
+    ids, index = np.unique(np.asarray(patient_ids), return_inverse=True)
+    sums = [
+        np.bincount(index, weights=np.asarray(x, np.float64), minlength=len(ids))
+        for x in (intersection, true_area, pred_area)
+    ]
+    return dict(zip(ids.tolist(), _dice_from_counts(*sums).tolist(), strict=True))

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 
 class ConvBlock(nn.Module):
@@ -111,3 +112,15 @@ class UNet(nn.Module):
             x = block(width)(x, train)
         logits = nn.Conv(1, (1, 1), dtype=self.dtype)(x)
         return logits.astype(jnp.float32)
+
+
+def create(config: ml_collections.ConfigDict) -> UNet:
+    """The U-Net a config describes (`model.*` fields, compute `dtype`)."""
+    return UNet(
+        features=config.model.features,
+        depth=config.model.depth,
+        batch_norm=config.model.batch_norm,
+        dropout=config.model.dropout,
+        bn_momentum=config.model.bn_momentum,
+        dtype=jnp.dtype(config.dtype),
+    )

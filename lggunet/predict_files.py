@@ -30,7 +30,7 @@ from absl import logging
 from PIL import Image
 from scipy import ndimage
 
-from lggunet import files, inference, kaggle3m, normalization, walk, workdirs
+from lggunet import files, inference, kaggle3m, normalization, slices, walk, workdirs
 from lggunet.errors import DataError
 
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
@@ -54,15 +54,7 @@ class PredictResult:
     volumes: list[dict] = dataclasses.field(default_factory=list)
 
 
-def _safe_rel(name: str) -> PurePosixPath | None:
-    """A relative path that stays inside the output folder, or None (zip-slip guard)."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
-        return None
-    return path
-
-
-MAX_FILE_BYTES = walk.MAX_FILE_BYTES  # a slice TIFF is ~200 KB; larger members are not read
+MAX_FILE_BYTES = slices.MAX_FILE_BYTES
 
 
 def _wanted(name: str) -> bool:
@@ -99,7 +91,7 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
         for info in archive.infolist():
             if info.is_dir() or not _wanted(info.filename):
                 continue
-            rel = _safe_rel(info.filename)
+            rel = slices.safe_member(info.filename)
             where = walk.shown(f"{path}!{info.filename}")
             if rel is None:
                 problems.append(f"{where}: path leaves the output folder; skipped")
@@ -138,18 +130,7 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
 
 def read_slice(data: bytes, where: str) -> np.ndarray:
     """One (H, W, 3) uint8 slice from TIFF bytes, or a DataError naming the file."""
-    from lggunet.kaggle3m import decode_tiff
-
-    image = decode_tiff(data, where)
-    channels = 1 if image.ndim == 2 else image.shape[-1]
-    if image.ndim not in (2, 3) or channels != 3:
-        raise DataError(
-            f"{where}: {channels} channel(s) {image.shape}; the model needs 3 "
-            "(pre-contrast, FLAIR, post-contrast)"
-        )
-    if image.dtype != np.uint8:
-        raise DataError(f"{where}: pixel type {image.dtype}; expected uint8 (0..255)")
-    return image
+    return slices.read_image(data, where)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -186,6 +167,126 @@ def _slice_number(rel: PurePosixPath) -> tuple[int, str]:
     return (int(m.group(1)) if m else 0, rel.name)
 
 
+def _fail(result: PredictResult, message: str) -> None:
+    result.failures.append(message)
+    logging.error("%s", message)
+
+
+def _load(items: list[InputFile], result: PredictResult) -> list[tuple[InputFile, np.ndarray]]:
+    """The volume's slices that read; each that does not is a named failure."""
+    loaded = []
+    for item in items:
+        try:
+            loaded.append((item, read_slice(item.read(), item.where)))
+        except Exception as e:  # a bad file, a bad zip member: name it, go on
+            _fail(result, str(e) if isinstance(e, DataError) else f"{item.where}: {e!r}")
+    return loaded
+
+
+def _predict_volume(model, arrays: list[np.ndarray], threshold: float, lcc: bool) -> list:
+    """One volume's binary masks, its statistics taken over all its slices (whichever
+    normalisation the model, or each member, uses); slices of one size predicted at once."""
+    mean, std = kaggle3m.volume_statistics(arrays)
+    brain = normalization.brain_statistics(arrays)
+    preds: list = [None] * len(arrays)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(a.shape, []).append(i)
+    for idx in by_shape.values():
+        probs = model(np.stack([arrays[i] for i in idx]), mean, std, brain)
+        for i, p in zip(idx, probs, strict=True):
+            preds[i] = (p > threshold).astype(np.uint8)
+    if lcc and len({p.shape for p in preds}) == 1:
+        return list(inference.largest_component(np.stack(preds)))
+    return [inference.largest_component(p) for p in preds] if lcc else preds
+
+
+@dataclasses.dataclass
+class _Outputs:
+    """Where each image's outputs go, never onto an input file."""
+
+    output: Path
+    images: list[InputFile]
+    masks: dict
+    result: PredictResult
+
+    def __post_init__(self):
+        self.inputs = {os.path.realpath(it.where) for it in self.images} | {
+            os.path.realpath(where) for _, where in self.masks.values()
+        }
+        # x_12.tif and x_12.tiff (or X_12.TIF) would write the same outputs: such images keep
+        # their extension in the output names (x_12_tif_pred_mask.tif, x_12_tiff_pred_mask.tif).
+        self.clashes = collections.Counter(
+            (it.rel.parent, it.rel.stem.lower()) for it in self.images
+        )
+
+    def paths(self, rel: PurePosixPath) -> tuple[Path, Path]:
+        """(the predicted mask's path, the overlay's)."""
+        unique = self.clashes[(rel.parent, rel.stem.lower())] == 1
+        stem = rel.stem if unique else rel.name.replace(".", "_")
+        out_dir = self.output / Path(*rel.parent.parts)
+        return out_dir / f"{stem}_pred_mask.tif", out_dir / f"{stem}_overlay.png"
+
+    def truth(self, item: InputFile, shape: tuple) -> np.ndarray | None:
+        if item.mask_key is None:
+            return None
+        try:
+            truth = read_mask_bytes(self.masks[item.mask_key][0](), item.where)
+        except Exception:  # a broken ground truth only loses the green outline
+            return None
+        return truth if truth.shape == shape else None
+
+    def write_volume(self, loaded: list, preds: list) -> dict:
+        """Writes each slice's mask and overlay; the volume's counts (slices written, with
+        tumour, tumour pixels, and the overlap with the truth for its Dice)."""
+        counts = {"slices": 0, "tumour_slices": 0, "area": 0}
+        overlap = {"intersection": 0, "true": 0, "complete": True}
+        for (item, image), pred in zip(loaded, preds, strict=True):
+            mask_path, png = self.paths(item.rel)
+            if {os.path.realpath(mask_path), os.path.realpath(png)} & self.inputs:
+                _fail(
+                    self.result,
+                    f"{mask_path}: is an input file; not overwritten (choose another --output)",
+                )
+                overlap["complete"] = False
+                continue
+            truth = self.truth(item, pred.shape)
+            try:
+                _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
+                _write_atomic(
+                    png,
+                    lambda p, i=image, m=pred, t=truth: Image.fromarray(overlay(i, m, t)).save(
+                        p, format="PNG"
+                    ),
+                )
+            except OSError as e:
+                overlap["complete"] = False  # its area is not counted: no Dice
+                _fail(self.result, f"{mask_path}: cannot write ({e.strerror or e})")
+                continue
+            if truth is None:
+                overlap["complete"] = False
+            else:
+                overlap["intersection"] += int(np.logical_and(truth > 0, pred > 0).sum())
+                overlap["true"] += int((truth > 0).sum())
+            self.result.written += [mask_path, png]
+            counts["slices"] += 1
+            counts["tumour_slices"] += int(pred.any())
+            counts["area"] += int(pred.sum())
+        return {**counts, "overlap": overlap}
+
+
+def _volumes(images: list[InputFile]) -> dict[tuple[PurePosixPath, str], list[InputFile]]:
+    """Images grouped into volumes (one folder, and one case when the names say so), each in
+    slice order."""
+    groups: dict[tuple[PurePosixPath, str], list[InputFile]] = {}
+    for item in images:
+        match = slices.SLICE_NAME.match(item.rel.name)
+        groups.setdefault((item.rel.parent, match["case"] if match else ""), []).append(item)
+    for items in groups.values():
+        items.sort(key=lambda it: _slice_number(it.rel))
+    return dict(sorted(groups.items()))
+
+
 def predict_path(
     model: inference.Model | inference.Ensemble,
     input_path: str | os.PathLike,
@@ -199,136 +300,55 @@ def predict_path(
     output = Path(output).expanduser()
     workdirs.make_writable_dir(output, "--output")
     images, masks, problems = collect_inputs(input_path)
-    inputs = {os.path.realpath(it.where) for it in images} | {
-        os.path.realpath(where) for _, where in masks.values()
-    }
-    # x_12.tif and x_12.tiff (or X_12.TIF) would write the same outputs: such images keep
-    # their extension in the output names (x_12_tif_pred_mask.tif, x_12_tiff_pred_mask.tif).
-    clashes = collections.Counter((it.rel.parent, it.rel.stem.lower()) for it in images)
-
-    def out_stem(rel: PurePosixPath) -> str:
-        return (
-            rel.stem if clashes[(rel.parent, rel.stem.lower())] == 1 else rel.name.replace(".", "_")
-        )
-
-    result = PredictResult(failures=list(problems))
+    result = PredictResult()
     for message in problems:
-        logging.error("%s", message)
-    groups: dict[tuple[PurePosixPath, str], list[InputFile]] = {}
-    for item in images:  # a volume: one folder, and one case when the names say so
-        match = kaggle3m._SLICE_RE.match(item.rel.name)
-        groups.setdefault((item.rel.parent, match["case"] if match else ""), []).append(item)
-    total = len(images)
+        _fail(result, message)
+    outputs = _Outputs(output, images, masks, result)
     done = 0
-    for (folder, case), items in sorted(groups.items()):
-        items.sort(key=lambda it: _slice_number(it.rel))
-        loaded = []
-        for item in items:
-            try:
-                loaded.append((item, read_slice(item.read(), item.where)))
-            except Exception as e:  # a bad file, a bad zip member: name it, go on
-                message = str(e) if isinstance(e, DataError) else f"{item.where}: {e!r}"
-                result.failures.append(message)
-                logging.error("%s", message)
+    for (folder, case), items in _volumes(images).items():
+        loaded = _load(items, result)
+        done += len(items)
         if not loaded:
             continue
         arrays = [a for _, a in loaded]
-        # The volume's statistics, whichever normalisation the model (or each member) uses.
-        mean, std = kaggle3m.volume_statistics(arrays)
-        brain = normalization.brain_statistics(arrays)
-        copied = kaggle3m.copied_channels(arrays) if same_shape(arrays) else ""
-        preds: list = [None] * len(arrays)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, a in enumerate(arrays):  # slices may differ in size: predict each size at once
-            by_shape.setdefault(a.shape, []).append(i)
-        for idx in by_shape.values():
-            probs = model(np.stack([arrays[i] for i in idx]), mean, std, brain)
-            for i, p in zip(idx, probs, strict=True):
-                preds[i] = (p > threshold).astype(np.uint8)
-        same_size = len({p.shape for p in preds}) == 1
-        if largest_connected_component and same_size:
-            preds = list(inference.largest_component(np.stack(preds)))
-        elif largest_connected_component:
-            preds = [inference.largest_component(p) for p in preds]
-        tumour_slices, area, written_slices = 0, 0, 0
-        overlap = {"intersection": 0, "true": 0, "complete": True}  # per-volume Dice
-        for (item, image), pred in zip(loaded, preds, strict=True):
-            stem = out_stem(item.rel)
-            out_dir = output / Path(*item.rel.parent.parts)
-            mask_path = out_dir / f"{stem}_pred_mask.tif"
-            png = out_dir / f"{stem}_overlay.png"
-            if {os.path.realpath(mask_path), os.path.realpath(png)} & inputs:
-                message = (
-                    f"{mask_path}: is an input file; not overwritten (choose another --output)"
-                )
-                result.failures.append(message)
-                logging.error("%s", message)
-                overlap["complete"] = False
-                continue
-            truth = None
-            if item.mask_key is not None:
-                try:
-                    truth = read_mask_bytes(masks[item.mask_key][0](), item.where)
-                except Exception:  # a broken ground truth only loses the green outline
-                    truth = None
-                if truth is not None and truth.shape != pred.shape:
-                    truth = None
-            if truth is None:
-                overlap["complete"] = False
-            else:
-                overlap["intersection"] += int(np.logical_and(truth > 0, pred > 0).sum())
-                overlap["true"] += int((truth > 0).sum())
-            try:
-                _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
-                _write_atomic(
-                    png,
-                    lambda p, i=image, m=pred, t=truth: Image.fromarray(overlay(i, m, t)).save(
-                        p, format="PNG"
-                    ),
-                )
-            except OSError as e:
-                overlap["complete"] = False  # its area is not counted below: no Dice
-                message = f"{mask_path}: cannot write ({e.strerror or e})"
-                result.failures.append(message)
-                logging.error("%s", message)
-                continue
-            result.written += [mask_path, png]
-            written_slices += 1
-            tumour_slices += int(pred.any())
-            area += int(pred.sum())
-        done += len(items)
+        preds = _predict_volume(model, arrays, threshold, largest_connected_component)
+        counts = outputs.write_volume(loaded, preds)
         patient = case or (
             folder.name if folder.parts else _root_name(Path(input_path).expanduser())
         )
-        if not written_slices:  # nothing of this volume was written: no row to mislead
-            continue
-        result.volumes.append(
-            {
-                "patient": patient,
-                "folder": folder.as_posix(),
-                "slices": written_slices,
-                "slices_with_tumour": tumour_slices,
-                "tumour_area_pixels": area,
-                **_volume_dice(overlap, area, len(loaded) == len(items)),
-                "copied_channels": copied,
-            }
-        )
-        if copied == "all three":
-            logging.warning(
-                "%s: all three channels hold the same image (modalities missing and copied); "
-                "the 4 such scans of the 49 scored 0.53 mean per-volume Dice in "
-                "cross-validation, against 0.73 for all (RESULTS.md): check its masks",
-                patient,
+        if counts["slices"]:  # nothing of this volume written: no row to mislead
+            copied = kaggle3m.copied_channels(arrays) if same_shape(arrays) else ""
+            result.volumes.append(
+                {
+                    "patient": patient,
+                    "folder": folder.as_posix(),
+                    "slices": counts["slices"],
+                    "slices_with_tumour": counts["tumour_slices"],
+                    "tumour_area_pixels": counts["area"],
+                    **_volume_dice(counts["overlap"], counts["area"], len(loaded) == len(items)),
+                    "copied_channels": copied,
+                }
             )
-        logging.info(
-            "%s: %d slices, %d with tumour (%d/%d images done)",
+            _log_volume(patient, copied, len(loaded), counts["tumour_slices"], done, len(images))
+    _write_csv(output / "volumes.csv", result.volumes)
+    return result
+
+
+def _log_volume(patient: str, copied: str, slices_read: int, tumour: int, done, total) -> None:
+    if copied == "all three":
+        logging.warning(
+            "%s: all three channels hold the same image (modalities missing and copied); "
+            "the 4 such scans of the 49 scored 0.53 mean per-volume Dice in "
+            "cross-validation, against 0.73 for all (RESULTS.md): check its masks",
             patient,
-            len(loaded),
-            tumour_slices,
-            done,
-            total,
         )
-    output.mkdir(parents=True, exist_ok=True)
+    logging.info(
+        "%s: %d slices, %d with tumour (%d/%d images done)",
+        *(patient, slices_read, tumour, done, total),
+    )
+
+
+def _write_csv(path: Path, volumes: list[dict]) -> None:
     fields = ["patient", "folder", "slices", "slices_with_tumour", "tumour_area_pixels"]
     fields += ["true_area_pixels", "dice", "copied_channels"]
 
@@ -336,10 +356,9 @@ def predict_path(
         with open(p, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-            writer.writerows(result.volumes)
+            writer.writerows(volumes)
 
-    _write_atomic(output / "volumes.csv", write_csv)
-    return result
+    _write_atomic(path, write_csv)
 
 
 def same_shape(arrays: list[np.ndarray]) -> bool:
@@ -357,9 +376,4 @@ def _volume_dice(overlap: dict, pred_area: int, all_read: bool) -> dict:
 
 def read_mask_bytes(data: bytes, where: str) -> np.ndarray:
     """A ground-truth mask (H, W) in {0, 1}, through the same guarded reader."""
-    from lggunet.kaggle3m import decode_tiff
-
-    mask = decode_tiff(data, where)
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    return (mask > 0).astype(np.uint8)
+    return slices.read_mask(data, where, strict=False)

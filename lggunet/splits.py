@@ -9,15 +9,26 @@ import numpy as np
 from lggunet.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
+SPLIT_MODES = ("patient", "slice")  # `data.split_mode`
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """`data.split_fractions` as three numbers, or a ConfigError naming the field."""
+    fractions = tuple(fractions)
+    numeric = all(
+        isinstance(f, int | float) and not isinstance(f, bool) and f == f for f in fractions
+    )
+    if not numeric or len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(
+            f"data.split_fractions={fractions} must be (train, validation, test), "
+            "non-negative, summing to 1"
+        )
+    return fractions
 
 
 def _counts(n: int, fractions: Sequence[float]) -> list[int]:
     """Split n items by fractions; every split with a positive fraction gets at least one."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(
-            f"split fractions {tuple(fractions)} must be three non-negative numbers "
-            "(train, validation, test) summing to 1"
-        )
+    fractions = check_fractions(fractions)
     wanted = sum(1 for f in fractions if f > 0)
     if n < wanted:
         raise ConfigError(f"{n} items cannot fill {wanted} non-empty splits")

@@ -1,4 +1,5 @@
-"""TensorBoard event files, written with tensorboardX (no TensorFlow needed).
+"""TensorBoard event files, written with tensorboardX (no TensorFlow needed), and the
+predictions drawn into them and into the run's pictures.
 
 Only process 0 writes; on the others every call does nothing.
 """
@@ -7,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from lggunet import parallel
+from lggunet import input_pipeline, metrics, parallel
 
 
 class SummaryWriter:
@@ -40,3 +42,24 @@ class SummaryWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def predict_examples(
+    predict_fn, state, source, tumour_area: np.ndarray, mesh, count: int = 8
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Predictions on `count` tumour-bearing slices spread over the split (by index order),
+    with a title per slice (patient, slice number, Dice)."""
+    positive = np.flatnonzero(tumour_area > 0)
+    if len(positive) == 0:
+        positive = np.arange(len(source))
+    chosen = positive[np.linspace(0, len(positive) - 1, min(count, len(positive))).astype(int)]
+    plan = input_pipeline.EpochPlan(chosen[None, :], np.ones((1, len(chosen)), bool))
+    batch = next(input_pipeline.iterate(source, plan))
+    device = parallel.replicate(input_pipeline.device_batch(batch), mesh)
+    out = jax.device_get(predict_fn(state, device))
+    dice = metrics.per_slice_dice(**jax.device_get(metrics.slice_stats(out["mask"], out["prob"])))
+    titles = [
+        f"{pid} #{idx}  Dice {d:.2f}"
+        for pid, idx, d in zip(batch["patient_id"], batch["slice_index"], dice, strict=True)
+    ]
+    return out, titles

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ml_collections
 
-from lggunet import files
+from lggunet import configuration, files
 from lggunet.errors import ConfigError, LggUnetError
 
 LOCK_FILE = ".lock"
@@ -214,3 +214,37 @@ def record_or_check_splits(workdir: Path, metadata: dict) -> None:
 def label_patients(record: dict) -> dict[str, str]:
     """Patient id -> the split it had in the recorded run (patient-level splits)."""
     return {p: split for split, patients in record["patients"].items() for p in patients}
+
+
+def find_checkpoints(path: str | Path) -> tuple[Path, Path]:
+    """(workdir, checkpoints dir) for a run's workdir or its `checkpoints/` folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such directory")
+    if (path / "checkpoints").is_dir():
+        return path, path / "checkpoints"
+    if path.name == "checkpoints":
+        return path.parent, path
+    raise ConfigError(f"{path}: not a training workdir (no checkpoints/ folder in it)")
+
+
+def cv_folds_of(workdir: str | Path) -> int:
+    """The number of folds when `workdir` is a cross-validation run's, else 0."""
+    config = configuration.saved_config(workdir)
+    return int(config.data.cv_folds) if config is not None else 0
+
+
+def is_cv_workdir(path: str | Path) -> bool:
+    """True for the top folder of a cross-validation run (not one of its fold workdirs)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or (path / "checkpoints").is_dir():
+        return False
+    config = configuration.saved_config(path)
+    if config is None:
+        return False
+    return int(config.data.cv_folds) > 1 and int(config.data.cv_fold) < 0
+
+
+def fold_workdir(workdir: str | Path, fold: int) -> Path:
+    """Where fold `fold` of a cross-validation run trains."""
+    return Path(workdir) / f"fold_{fold}"

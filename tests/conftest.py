@@ -46,8 +46,8 @@ def real_tfds_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_builder(real_data, real_tfds_dir):
-    from configs import unet
     from lggunet import dataset
+    from lggunet.configs import unet
 
     config = unet.get_config()
     config.data.manual_dir = str(real_data)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lggunet
-from lggunet import inference, train
+from lggunet import inference, models, steps
 from lggunet.errors import InputError, LggUnetError
 
 
@@ -17,9 +17,9 @@ def model():
     from tests.helpers.tiny import tiny_config
 
     config = tiny_config()
-    state = train.create_train_state(config, jax.random.key(0))
+    state = steps.create_train_state(config, jax.random.key(0))
     return inference.Model(
-        module=train.create_model(config),
+        module=models.create(config),
         variables={"params": state.params, "batch_stats": state.batch_stats},
         image_size=config.data.image_size,
         normalize=config.data.normalize,

@@ -58,15 +58,15 @@ def test_model_flops_of_the_train_step_match_a_hand_count():
         import jax
         from gpu import model_flops
 
-        from configs import unet
-        from lggunet import parallel, train
+        from lggunet import parallel, steps
+        from lggunet.configs import unet
     finally:
         del sys.path[:2]
     config = unet.get_config()
     config.data.image_size, config.model.features, config.batch_size = 64, 8, 4
     mesh = parallel.data_mesh()
-    state, rng = train.initial_state(config, mesh)
-    step = train.compile_steps(config, mesh).train
+    state, rng = steps.initial_state(config, mesh)
+    step = steps.compile_steps(config, mesh).train
     batch = parallel.global_batch(common.synthetic_batch(4, 64), mesh)
     counted = model_flops(jax.make_jaxpr(step)(state, batch, rng).jaxpr)
     forward = unet_forward_flops(size=64, base=8, depth=4, batch=4)

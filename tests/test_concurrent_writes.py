@@ -6,7 +6,7 @@ import json
 
 import ml_collections
 
-from lggunet import files, inference
+from lggunet import configuration, files
 
 
 def _hammer(write, rounds: int = 200, writers: int = 8) -> None:
@@ -19,7 +19,7 @@ def _hammer(write, rounds: int = 200, writers: int = 8) -> None:
 
 def test_save_config_side_by_side(tmp_path):
     def write(writer, i):
-        inference.save_config(ml_collections.ConfigDict({"writer": writer, "i": i}), tmp_path)
+        configuration.save_config(ml_collections.ConfigDict({"writer": writer, "i": i}), tmp_path)
 
     _hammer(write)
     saved = json.loads((tmp_path / "config.json").read_text())

@@ -3,13 +3,13 @@
 import jax
 import pytest
 
-from configs import cpu, demo, unet
-from lggunet import config_checks, train
+from lggunet import configuration, steps
+from lggunet.configs import cpu, demo, unet
 
 
 @pytest.mark.parametrize("module", [unet, demo, cpu])
 def test_shipped_configs_pass_the_checks(module):
-    config_checks.check(module.get_config())
+    configuration.check(module.get_config())
 
 
 def unet_parameters(base: int, depth: int) -> int:
@@ -32,7 +32,7 @@ def unet_parameters(base: int, depth: int) -> int:
 
 def test_cpu_recipe_size():
     config = cpu.get_config()
-    params = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0))).params
+    params = jax.eval_shape(lambda: steps.create_train_state(config, jax.random.key(0))).params
     expected = unet_parameters(config.model.features, config.model.depth)
     assert sum(x.size for x in jax.tree.leaves(params)) == expected == 1_944_049
 
@@ -46,9 +46,9 @@ def _set(config, field, value):
         node[leaf] = value
 
 
-@pytest.mark.parametrize("field", sorted(config_checks.RANGES))
+@pytest.mark.parametrize("field", sorted(configuration.RANGES))
 def test_every_ranged_field_refuses_values_outside_its_range(field):
-    low, high, inclusive = config_checks.RANGES[field]
+    low, high, inclusive = configuration.RANGES[field]
     outside = []
     if low is not None:
         outside.append(low - 1 if inclusive else low)
@@ -57,12 +57,12 @@ def test_every_ranged_field_refuses_values_outside_its_range(field):
     for value in outside:
         config = unet.get_config()
         _set(config, field, value)
-        with pytest.raises(config_checks.ConfigError) as e:
-            config_checks.check(config)
-        stored = config_checks._get(config, field)  # ConfigDict keeps a float field float
+        with pytest.raises(configuration.ConfigError) as e:
+            configuration.check(config)
+        stored = configuration._get(config, field)  # ConfigDict keeps a float field float
         assert str(e.value).startswith(f"{field}={stored!r} is out of range"), str(e.value)
         assert stored == value
     config = unet.get_config()
     _set(config, field, float("nan"))
-    with pytest.raises(config_checks.ConfigError, match=f"{field}=nan must be a number"):
-        config_checks.check(config)
+    with pytest.raises(configuration.ConfigError, match=f"{field}=nan must be a number"):
+        configuration.check(config)

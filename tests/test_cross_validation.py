@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from lggunet import config_checks, cross_validation, dataset, inference, predict_files, train
+from lggunet import configuration, cross_validation, dataset, inference, predict_files, train
 from lggunet.errors import ConfigError
 
 
@@ -134,7 +134,7 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
 def test_bad_cross_validation_settings_fail_before_any_work(cv_config, folds, fold, mode):
     cv_config.data.cv_folds, cv_config.data.cv_fold, cv_config.data.split_mode = folds, fold, mode
     with pytest.raises(ConfigError, match="cv_fold"):
-        config_checks.check(cv_config)
+        configuration.check(cv_config)
 
 
 def test_bootstrap_interval_matches_a_direct_resampling():
@@ -153,17 +153,18 @@ def test_intensity_augmentation_needs_z_scored_input(cv_config):
     cv_config.augment.preset = "buda2019_intensity"
     cv_config.data.normalize = "scale"
     with pytest.raises(ConfigError, match="z-scored"):
-        config_checks.check(cv_config)
+        configuration.check(cv_config)
     cv_config.data.normalize = "brain_zscore"
-    config_checks.check(cv_config)
+    configuration.check(cv_config)
 
 
 def test_report_rows_name_copied_channels_per_patient():
     """report's per-patient rows (and so cv_patients.csv and the CV report's group) name the
     channels that hold one image over the whole volume, as kaggle3m.copied_channels does."""
-    import ml_collections
+    import jax.numpy as jnp
 
-    from lggunet import kaggle3m, report
+    from lggunet import kaggle3m, report, steps
+    from lggunet.configs import demo
 
     rng = np.random.default_rng(0)
 
@@ -191,12 +192,13 @@ def test_report_rows_name_copied_channels_per_patient():
         for pid, images in volumes.items()
         for i, image in enumerate(images)
     ]
-    model = lambda images, *stats: np.zeros(images.shape[:3], np.float32)  # noqa: E731
-    split = report._predict_split(model, source, batch_size=3, tta=False)
-    config = ml_collections.ConfigDict(
-        {"evaluate": {"largest_component": False, "detection_min_pixels": 10}}
+    empty = steps.Weights(  # a 'network' that finds nothing
+        params={}, batch_stats={}, apply_fn=lambda v, x, train: jnp.full((*x.shape[:3], 1), -9.0)
     )
-    _, rows, _ = report._score(split, config)
+    config = demo.get_config()
+    config.data.image_size, config.eval_batch_size = 16, 3
+    config.evaluate.largest_component = False
+    _, rows, _ = report.score_split(report.score_source(empty, source, config, False), config)
     got = {r["patient"]: r["copied_channels"] for r in rows}
     assert got == {"P1": "all three", "P2": "FLAIR=post-contrast", "P3": "", "P4": ""}
     assert got == {pid: kaggle3m.copied_channels(images) for pid, images in volumes.items()}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from configs import demo
-from lggunet import evaluation, inference, report
+from lggunet import inference, report, steps, volume_metrics
+from lggunet.configs import demo
 
 
 def surface_points(mask):
@@ -40,9 +41,9 @@ def test_hd95_hand_cases():
     b = a.copy()
     a[0, 3, 3] = True
     b[0, 3, 8] = True
-    assert evaluation.hd95(a, b) == pytest.approx(5.0)
-    assert np.isnan(evaluation.hd95(a, np.zeros_like(a)))
-    assert evaluation.hd95(a, a) == 0.0
+    assert volume_metrics.hd95(a, b) == pytest.approx(5.0)
+    assert np.isnan(volume_metrics.hd95(a, np.zeros_like(a)))
+    assert volume_metrics.hd95(a, a) == 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -53,7 +54,7 @@ def test_hd95_matches_brute_force_on_random_volumes(seed):
     true[1:3, 5:15, 6:14] = True
     pred[0:3, 7 + seed : 16 + seed, 4:12] = True
     pred |= rng.random(pred.shape) > 0.985  # a few stray voxels
-    assert evaluation.hd95(true, pred) == pytest.approx(brute_hd95(true, pred), abs=1e-9)
+    assert volume_metrics.hd95(true, pred) == pytest.approx(brute_hd95(true, pred), abs=1e-9)
 
 
 def test_dice_precision_recall_and_detection_hand_case():
@@ -62,10 +63,10 @@ def test_dice_precision_recall_and_detection_hand_case():
     t[0, :2, :2] = True  # 4 pixels
     p[0, :2, :1] = True  # 2 pixels, both inside
     p[1, 0, 0] = True  # 1 false positive
-    assert evaluation.dice(t, p) == pytest.approx(2 * 2 / (4 + 3))
-    assert evaluation.precision_recall(t, p) == pytest.approx((2 / 3, 2 / 4))
-    assert evaluation.dice(np.zeros(3), np.zeros(3)) == 1.0
-    det = evaluation.detection([5, 0, 0, 7, 0], [5, 3, 0, 0, 12], min_pixels=4)
+    assert volume_metrics.dice(t, p) == pytest.approx(2 * 2 / (4 + 3))
+    assert volume_metrics.precision_recall(t, p) == pytest.approx((2 / 3, 2 / 4))
+    assert volume_metrics.dice(np.zeros(3), np.zeros(3)) == 1.0
+    det = volume_metrics.detection([5, 0, 0, 7, 0], [5, 3, 0, 0, 12], min_pixels=4)
     # truth +,-,-,+,-; called +,-,-,-,+ -> tp 1, fn 1, tn 2, fp 1
     assert (det["tp"], det["fn"], det["tn"], det["fp"]) == (1, 1, 2, 1)
     assert det["sensitivity"] == 0.5 and det["specificity"] == pytest.approx(2 / 3)
@@ -82,8 +83,32 @@ def test_largest_component_keeps_the_biggest_3d_blob():
     assert inference.largest_component(diagonal).sum() == 2
 
 
+def fixed_model(probs: np.ndarray) -> steps.Weights:
+    """A 'network' whose output is `probs` (N, H, W), whatever it is shown."""
+    p = np.clip(probs, 1e-6, 1 - 1e-6)
+    logits = jnp.asarray(np.log(p) - np.log1p(-p))[..., None]
+    return steps.Weights(params={}, batch_stats={}, apply_fn=lambda v, x, train: logits)
+
+
+def as_source(truth: np.ndarray, patients: list[str]) -> list[dict]:
+    return [
+        {
+            "image": np.zeros((*t.shape, 3), np.uint8),
+            "mask": t[..., None].astype(np.uint8),
+            "patient_id": pid.encode(),
+            "slice_index": i,
+            "tumour_area": int(t.sum()),
+            "volume_mean": np.zeros(3, np.float32),
+            "volume_std": np.ones(3, np.float32),
+            "brain_stats": np.ones((6, 3), np.float32),
+        }
+        for i, (t, pid) in enumerate(zip(truth, patients, strict=True))
+    ]
+
+
 def test_report_scores_equal_numpy_reference():
-    """_score on two hand-made patients: notebook formulas, per-volume Dice, HD95, detection."""
+    """The evaluator and report scoring on two hand-made patients: notebook formulas,
+    per-volume Dice, HD95, detection, against NumPy."""
     rng = np.random.default_rng(0)
     n = 6
     truth = np.zeros((n, 16, 16), bool)
@@ -91,16 +116,12 @@ def test_report_scores_equal_numpy_reference():
     probs = np.clip(truth * 0.8 + rng.random((n, 16, 16)) * 0.3, 0, 1).astype(np.float32)
     probs[5, 10:13, 10:13] = 0.9  # a false positive blob, in patient B's last slice
     patients = ["A", "A", "A", "B", "B", "B"]
-    split = report._Split()
-    split.patient, split.slice_index = patients, [1, 2, 3, 1, 2, 3]
-    split.true = np.packbits(truth, axis=-1)
-    split.pred = {"plain": np.packbits(probs > 0.5, axis=-1)}
-    split.weights = [n]
-    split.notebook = {"plain": [report._notebook_metrics(truth.astype(np.uint8), probs)]}
     config = demo.get_config()
+    config.data.image_size, config.eval_batch_size = 16, n  # no resizing; one batch
     config.evaluate.largest_component = True
     config.evaluate.detection_min_pixels = 4
-    result, rows, _ = report._score(split, config)
+    scores = report.score_source(fixed_model(probs), as_source(truth, patients), config, False)
+    result, rows, _ = report.score_split(scores, config)
 
     t, p = truth.astype(np.float64), probs.astype(np.float64)
     nb_dice = (2 * (t * p).sum() + 100) / (t.sum() + p.sum() + 100)

@@ -235,11 +235,11 @@ def test_every_file_of_a_checkpoint_emptied_falls_back_or_restores(tmp_path):
 def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(tmp_path):
     """A kill mid-append leaves half a line; resuming drops it (and the epochs after the
     checkpoint) instead of failing on it."""
-    from lggunet import train
+    from lggunet import history
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(
         '{"epoch": 1, "val_loss": 0.5}\n{"epoch": 2, "val_loss": 0.4}\n{"epoch": 3, "va'
     )
-    train._drop_epochs_after(path, 1)
+    history.drop_epochs_after(path, 1)
     assert path.read_text() == '{"epoch": 1, "val_loss": 0.5}\n'

@@ -4,7 +4,7 @@ the scanner differences it must undo (constant background, dark scans, copied ch
 import numpy as np
 import pytest
 
-from lggunet import inference, models, normalization, train
+from lggunet import inference, models, normalization, steps
 
 
 def phantom_volume(rng, n=6, size=48, background=(0, 0, 0), gain=(1.0, 1.0, 1.0)):
@@ -121,16 +121,16 @@ def test_preprocess_and_model_apply_the_same_normalisation(tiny_config):
         "valid": np.ones(4, bool),
         "brain_stats": stats,
     }
-    x, _, _ = train.preprocess(batch, 32, "brain_zscore")
+    x, _, _ = steps.preprocess(batch, 32, "brain_zscore")
     np.testing.assert_allclose(x, reference(volume), atol=2e-4)
 
     config = tiny_config
     config.data.image_size = 32
     config.data.normalize = "brain_zscore"
-    state = train.create_train_state(config, __import__("jax").random.key(0))
+    state = steps.create_train_state(config, __import__("jax").random.key(0))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     model = inference.Model(
-        module=train.create_model(config),
+        module=models.create(config),
         variables=variables,
         image_size=32,
         normalize="brain_zscore",

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lggunet import train
+from lggunet import steps, train
 
 
 def make_batch(rng, n=2, size=16):
@@ -19,7 +19,7 @@ def make_batch(rng, n=2, size=16):
 
 def test_scale_normalisation_is_x_over_255():
     batch = make_batch(np.random.default_rng(0))
-    images, masks, weights = train.preprocess(batch, 16, "scale")
+    images, masks, weights = steps.preprocess(batch, 16, "scale")
     np.testing.assert_allclose(images, batch["image"] / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(masks, batch["mask"])
     np.testing.assert_array_equal(weights, [1.0, 0.0])
@@ -27,7 +27,7 @@ def test_scale_normalisation_is_x_over_255():
 
 def test_zscore_uses_each_patients_volume_statistics():
     batch = make_batch(np.random.default_rng(1))
-    images, _, _ = train.preprocess(batch, 16, "zscore_volume")
+    images, _, _ = steps.preprocess(batch, 16, "zscore_volume")
     mean = batch["volume_mean"][:, None, None, :]
     std = batch["volume_std"][:, None, None, :]
     np.testing.assert_allclose(images, (batch["image"] - mean) / std, rtol=1e-5, atol=1e-5)
@@ -37,7 +37,7 @@ def test_resize_keeps_masks_binary_and_aligned():
     batch = make_batch(np.random.default_rng(2), size=32)
     batch["mask"][:] = 0
     batch["mask"][:, 8:24, 4:12] = 1
-    images, masks, _ = train.preprocess(batch, 16, "scale")
+    images, masks, _ = steps.preprocess(batch, 16, "scale")
     assert images.shape == (2, 16, 16, 3) and masks.shape == (2, 16, 16, 1)
     expected = np.zeros((2, 16, 16, 1))
     expected[:, 4:12, 2:6] = 1
@@ -46,14 +46,14 @@ def test_resize_keeps_masks_binary_and_aligned():
 
 def test_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match="normalize"):
-        train.preprocess(make_batch(np.random.default_rng(3)), 16, "minmax")
+        steps.preprocess(make_batch(np.random.default_rng(3)), 16, "minmax")
 
 
 def test_train_step_augments_with_the_step_key(tiny_config):
     config = tiny_config
-    state = train.create_train_state(config, jax.random.key(0))
+    state = steps.create_train_state(config, jax.random.key(0))
     batch = make_batch(np.random.default_rng(4), n=4, size=32)
-    options = train.StepOptions.from_config(config)
+    options = steps.StepOptions.from_config(config)
     assert options.augment is not None  # on by default, with the notebook's values
     a, out_a = train.train_step(state, batch, jax.random.key(1), options)
     b, out_b = train.train_step(state, batch, jax.random.key(1), options)
@@ -61,7 +61,7 @@ def test_train_step_augments_with_the_step_key(tiny_config):
     assert float(out_a["loss"]) == float(out_b["loss"])
     assert float(out_a["loss"]) != float(out_c["loss"])
     config.augment.enabled = False
-    assert train.StepOptions.from_config(config).augment is None
+    assert steps.StepOptions.from_config(config).augment is None
     config.augment.enabled = True
     config.augment.preset = "buda2019"
-    assert train.StepOptions.from_config(config).augment.rotation_range == 15.0
+    assert steps.StepOptions.from_config(config).augment.rotation_range == 15.0

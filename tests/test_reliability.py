@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from configs import unet
 from lggunet import dataset, kaggle3m
+from lggunet.configs import unet
 from lggunet.errors import DataError
 
 CASE = "TCGA_BB_0003_20000103"

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
-from lggunet import checkpointing, losses, parallel, train
+from lggunet import checkpointing, history, losses, parallel, steps, train
+from lggunet.configs import demo
 from lggunet.errors import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def start(workdir, data_dir):
 
 def latest_state(workdir, data_dir):
     config = make_config(data_dir)
-    template, _ = train.initial_state(config, parallel.data_mesh())
+    template, _ = steps.initial_state(config, parallel.data_mesh())
     store = checkpointing.CheckpointStore(Path(workdir) / "checkpoints")
     state, meta = store.restore_latest(template)
     store.close()
@@ -184,7 +184,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tiny_con
 
 
 def test_early_stopping_rule():
-    rule = train.EarlyStopping(patience=2, min_delta=0.01)
+    rule = history.EarlyStopping(patience=2, min_delta=0.01)
     # improves, improves by less than min_delta (no), no, -> stop at epoch 4
     assert [rule.update(e, v) for e, v in enumerate([-0.5, -0.6, -0.605, -0.59], 1)] == [
         False,
@@ -193,7 +193,7 @@ def test_early_stopping_rule():
         True,
     ]
     assert rule.best_epoch == 2 and rule.best_loss == -0.6
-    assert not train.EarlyStopping(patience=0, min_delta=0).update(10, 1.0)  # 0 = off
+    assert not history.EarlyStopping(patience=0, min_delta=0).update(10, 1.0)  # 0 = off
 
 
 def test_bfloat16_trains_with_float32_parameters(tiny_config):
@@ -202,8 +202,8 @@ def test_bfloat16_trains_with_float32_parameters(tiny_config):
     config.learning_rate = 1e-2
     config.augment.enabled = False
     mesh = parallel.data_mesh()
-    state, rng = train.initial_state(config, mesh)
-    steps = train.compile_steps(config, mesh)
+    state, rng = steps.initial_state(config, mesh)
+    compiled = steps.compile_steps(config, mesh)
     data = np.random.default_rng(0)
     masks = np.zeros((8, 32, 32, 1), np.uint8)
     masks[:, 8:24, 8:20] = 1
@@ -216,14 +216,14 @@ def test_bfloat16_trains_with_float32_parameters(tiny_config):
     }
     batch = parallel.global_batch(batch, mesh)
     jaxpr = str(
-        jax.make_jaxpr(lambda s, b: train.train_step(s, b, rng, train.StepOptions(image_size=32)))(
+        jax.make_jaxpr(lambda s, b: train.train_step(s, b, rng, steps.StepOptions(image_size=32)))(
             state, batch
         )
     )
     assert "bf16" in jaxpr  # the convolutions really run in bfloat16
     seen = []
     for _ in range(15):
-        state, out = steps.train(state, batch, rng)
+        state, out = compiled.train(state, batch, rng)
         seen.append(float(out["loss"]))
     assert seen[-1] < seen[0] - 0.1, seen  # -Dice falls
     for tree in (state.params, state.opt_state, state.batch_stats):

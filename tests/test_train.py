@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
-from lggunet import train
+from lggunet import steps, train
+from lggunet.configs import demo
 
 
 def read_jsonl(path):
@@ -52,33 +52,33 @@ def test_plateau_halves_after_patience_epochs_and_not_before():
     config = demo.get_config()
     config.learning_rate = 1e-3
     config.plateau.patience = 3
-    state = train.create_train_state(config, jax.random.key(0))
+    state = steps.create_train_state(config, jax.random.key(0))
     # Improvement, then 3 epochs without (the last one improves by less than min_delta).
     losses = [-0.50, -0.60, -0.59, -0.58, -0.60005]
     rates = []
     for val_loss in losses:
-        state = train.step_plateau(state, val_loss, config)
-        rates.append(train.learning_rate(state))
+        state = steps.step_plateau(state, val_loss, config)
+        rates.append(steps.learning_rate(state))
     np.testing.assert_allclose(rates, [1e-3, 1e-3, 1e-3, 1e-3, 5e-4], rtol=1e-6)
     # The counter restarts after a cut: 2 more bad epochs keep the rate, the 3rd halves it.
     for val_loss in (-0.55, -0.55):
-        state = train.step_plateau(state, val_loss, config)
-        assert train.learning_rate(state) == pytest.approx(5e-4)
-    state = train.step_plateau(state, -0.55, config)
-    assert train.learning_rate(state) == pytest.approx(2.5e-4)
+        state = steps.step_plateau(state, val_loss, config)
+        assert steps.learning_rate(state) == pytest.approx(5e-4)
+    state = steps.step_plateau(state, -0.55, config)
+    assert steps.learning_rate(state) == pytest.approx(2.5e-4)
     # And a real improvement resets it.
-    state = train.step_plateau(state, -0.70, config)
-    assert train.learning_rate(state) == pytest.approx(2.5e-4)
+    state = steps.step_plateau(state, -0.70, config)
+    assert steps.learning_rate(state) == pytest.approx(2.5e-4)
 
 
 def test_plateau_rate_reaches_adam():
     config = demo.get_config()
     config.learning_rate = 1e-3
     config.plateau.patience = 1
-    state = train.create_train_state(config, jax.random.key(0))
+    state = steps.create_train_state(config, jax.random.key(0))
     for val_loss in (-0.5, -0.4):  # one epoch without improvement: halve
-        state = train.step_plateau(state, val_loss, config)
-    assert train.learning_rate(state) == pytest.approx(5e-4)
+        state = steps.step_plateau(state, val_loss, config)
+    assert steps.learning_rate(state) == pytest.approx(5e-4)
     grads = jax.tree.map(np.ones_like, state.params)
     moved = state.apply_gradients(grads=grads)
     delta = jax.tree.map(lambda a, b: np.asarray(a - b), moved.params, state.params)

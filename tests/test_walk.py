@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from configs import unet
 from lggunet import dataset, kaggle3m, walk
+from lggunet.configs import unet
 from lggunet.errors import DataError
 from tests.conftest import write_case
 

@@ -37,13 +37,14 @@ def flat(state) -> dict[str, np.ndarray]:
 
 
 def run_steps(out: str, num_steps: int) -> None:
-    from lggunet import parallel, train
+    from lggunet import parallel
+    from lggunet import steps as step_lib
 
     config = tiny_config()
     mesh = parallel.data_mesh()
-    state, rng = train.initial_state(config, mesh)
+    state, rng = step_lib.initial_state(config, mesh)
     init = {f"init{k}": v for k, v in flat(state).items()}
-    steps = train.compile_steps(config, mesh)
+    compiled = step_lib.compile_steps(config, mesh)
     data = np.random.default_rng(0)
     losses = []
     for _ in range(num_steps):
@@ -56,7 +57,7 @@ def run_steps(out: str, num_steps: int) -> None:
             "volume_mean": np.zeros((8, 3), np.float32),
             "volume_std": np.ones((8, 3), np.float32),
         }
-        state, metrics = steps.train(state, parallel.global_batch(batch, mesh), rng)
+        state, metrics = compiled.train(state, parallel.global_batch(batch, mesh), rng)
         losses.append(float(jax.device_get(metrics["loss"])))
     np.savez(out, losses=np.array(losses), **flat(state), **init)
 

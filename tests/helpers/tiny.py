@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def tiny_config(data_dir: str = ""):
-    from configs import demo
+    from lggunet.configs import demo
 
     config = demo.get_config()
     config.data.data_dir = str(data_dir)

@@ -1,16 +1,50 @@
-"""Checks a config before any work starts, so a run cannot fail an hour in on a typo."""
+"""The one place for configs: checks before any work starts (so a run cannot fail an hour in
+on a typo), the valid values, the run's saved `config.json` with the defaults that configs saved
+by older versions lacked (versioned), and which of the saved and the given values a later
+command uses.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import jax
 import ml_collections
 
+from lggunet import files, splits
 from lggunet.augment import PRESETS
 from lggunet.errors import ConfigError
 from lggunet.losses import LOSSES
 from lggunet.normalization import NORMALIZATIONS
 
-__all__ = ["ConfigError", "check"]
+__all__ = [
+    "CONFIG_FILE",
+    "ConfigError",
+    "check",
+    "check_saved",
+    "for_evaluation",
+    "save_config",
+    "saved_config",
+    "upgrade",
+]
+
+CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
+VERSION = 1  # `config_version` of configs written by this lggunet
+# Fields added since the first saved configs, with the value that reproduces how runs made
+# before them behaved: (the version that added the field, that value). `upgrade` fills them in.
+ADDED = {
+    "model.bn_momentum": (1, 0.99),
+    "data.cv_folds": (1, 0),
+    "data.cv_fold": (1, -1),
+    "data.skip_invalid": (1, False),
+    "data.phantom": (1, False),
+    "data.download": (1, False),
+    "data.oversample_tumour": (1, 1.0),
+    "augment.preset": (1, ""),
+    "augment.intensity": (1, False),
+}
+DTYPES = ("float32", "bfloat16")
 
 
 # field -> (lowest, highest, whether the bounds themselves are allowed): numbers outside
@@ -75,24 +109,28 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the field when the config cannot work."""
+    missing = [field for field in ADDED if _get(config, field) is None]
+    if missing:
+        raise ConfigError(
+            f"the config lacks {', '.join(missing)}: start from lggunet.configs.unet's "
+            "get_config() (or pass it through configuration.upgrade)"
+        )
     check_ranges(config)
     size, depth = config.data.image_size, config.model.depth
     if size <= 0 or size % 2**depth:
         raise ConfigError(
             f"data.image_size={size} must be a positive multiple of 2**model.depth={2**depth}"
         )
-    fractions = tuple(config.data.split_fractions)
-    numeric = all(
-        isinstance(f, int | float) and not isinstance(f, bool) and f == f for f in fractions
-    )
-    if not numeric or len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(
-            f"data.split_fractions={fractions} must be (train, validation, test), "
-            "non-negative, summing to 1"
-        )
+    _check_split(config.data)
+    _check_devices(config)
+    _check_training(config)
+
+
+def _check_split(data: ml_collections.ConfigDict) -> None:
+    fractions = splits.check_fractions(data.split_fractions)
     if fractions[0] == 0 or fractions[1] == 0:
         raise ConfigError("data.split_fractions: training needs train and validation splits")
-    folds, fold = config.data.get("cv_folds", 0), config.data.get("cv_fold", -1)
+    folds, fold = data.cv_folds, data.cv_fold
     if folds == 1 or folds < 0 or (folds and not -1 <= fold < folds):
         raise ConfigError(
             f"data.cv_folds={folds}, data.cv_fold={fold}: use cv_folds=0 (off) or >= 2, and "
@@ -100,12 +138,17 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     if not folds and fold != -1:
         raise ConfigError(f"data.cv_fold={fold} needs data.cv_folds >= 2 (cross-validation)")
-    if folds and config.data.split_mode != "patient":
+    if folds and data.split_mode != "patient":
         raise ConfigError(
             "data.cv_folds, data.cv_fold: cross-validation splits by patient (split_mode)"
         )
-    if config.data.split_mode not in ("patient", "slice"):
-        raise ConfigError(f"data.split_mode={config.data.split_mode!r}: use 'patient' or 'slice'")
+    if data.split_mode not in splits.SPLIT_MODES:
+        raise ConfigError(
+            f"data.split_mode={data.split_mode!r}: use one of {list(splits.SPLIT_MODES)}"
+        )
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
     if config.batch_size % jax.process_count():
         raise ConfigError(
             f"batch_size={config.batch_size} must divide among {jax.process_count()} processes"
@@ -117,10 +160,15 @@ def check(config: ml_collections.ConfigDict) -> None:
                 f"{name}={value} must be a positive multiple of the {jax.device_count()} "
                 f"devices ({jax.process_count()} process(es)): each device takes an equal part"
             )
+    if config.data.device_cache and jax.process_count() > 1:
+        raise ConfigError("data.device_cache works in single-process runs only")
+
+
+def _check_training(config: ml_collections.ConfigDict) -> None:
     if config.loss not in LOSSES:
         raise ConfigError(f"loss={config.loss!r}: choose one of {sorted(LOSSES)}")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype={config.dtype!r}: use one of {list(DTYPES)}")
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
     if config.data.normalize not in NORMALIZATIONS:
@@ -133,7 +181,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"augment.preset={config.augment.preset!r}: choose '' or one of {sorted(PRESETS)}"
         )
-    intensity = config.augment.get("intensity", False) or (
+    intensity = config.augment.intensity or (
         config.augment.preset and PRESETS[config.augment.preset].intensity is not None
     )
     if config.augment.enabled and intensity and config.data.normalize == "scale":
@@ -145,11 +193,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"early_stopping.patience={config.early_stopping.patience} must be >= 0 (0 = off)"
         )
-    if config.data.device_cache and jax.process_count() > 1:
-        raise ConfigError("data.device_cache works in single-process runs only")
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")
-    if not 0 <= config.model.get("bn_momentum", 0.99) < 1:
+    if not 0 <= config.model.bn_momentum < 1:
         raise ConfigError(f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")
 
 
@@ -172,3 +218,66 @@ def check_saved(config: ml_collections.ConfigDict, path) -> None:
             f"{path}: not a usable saved config ({e}); restore the file the run wrote, or "
             "train again into another workdir"
         ) from e
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with every field that its (older) version lacked filled in with the
+    value that reproduces how such runs behaved (`ADDED`), marked as the current VERSION."""
+    tree = config.to_dict()
+    for field, (_, value) in ADDED.items():
+        node = tree
+        *parents, leaf = field.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, value)
+    tree["config_version"] = VERSION
+    return ml_collections.ConfigDict(tree)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Writes the run's config next to its checkpoints (load_model reads it)."""
+    path = Path(workdir) / CONFIG_FILE
+    # Folds of one cross-validation trained side by side (data.cv_fold=k) all write it.
+    files.write_atomic(path, config.to_json_best_effort(indent=2) + "\n")
+    return path
+
+
+def saved_config(workdir: str | Path) -> ml_collections.ConfigDict | None:
+    """The run's config.json, upgraded to this version (None when there is none); a
+    ConfigError naming the file when it cannot be used."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        tree = json.loads(path.read_text())
+        if not isinstance(tree, dict):
+            raise ValueError(f"a JSON {type(tree).__name__}, not an object")
+        config = ml_collections.ConfigDict(tree)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a readable config ({e})") from e
+    check_saved(config, path)
+    version = config.get("config_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+        raise ConfigError(
+            f"{path}: config_version {version!r} is newer than this lggunet's ({VERSION}): "
+            "upgrade lggunet to use that run"
+        )
+    return upgrade(config)
+
+
+def for_evaluation(
+    saved: ml_collections.ConfigDict | None, given: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """The config a later command (evaluate, a fold's scoring) runs with: the run's saved
+    settings (its model, preprocessing and split: the test patients stay the ones held out),
+    with the given command's data paths (`data.manual_dir`, `data.data_dir` when set),
+    `data.skip_invalid` when either asks for it, and its `evaluate.*` and
+    `eval_batch_size`. Without a saved config, the given one."""
+    out = upgrade(saved if saved is not None else given)
+    for key in ("manual_dir", "data_dir"):
+        if given.data[key]:
+            out.data[key] = given.data[key]
+    out.data.skip_invalid = bool(out.data.skip_invalid or given.data.skip_invalid)
+    out.evaluate = ml_collections.ConfigDict(given.evaluate.to_dict())
+    out.eval_batch_size = given.eval_batch_size
+    return out

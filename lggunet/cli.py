@@ -1,0 +1,200 @@
+"""The command line: train a U-Net on the LGG MRI Segmentation data, evaluate it, predict
+with it. `run.py` in the repository and the `lggunet` console script both run `main`.
+
+lggunet --config=configs/unet.py --config.data.manual_dir=PATH --workdir=runs/unet
+lggunet --config=demo --workdir=runs/demo     # synthetic phantom, no download
+lggunet --config=demo --workdir=runs/demo --mode=evaluate
+lggunet --config=demo --workdir=runs/demo --mode=predict --input=P --output=O
+
+`--config` takes a config file, or the name of one in `lggunet.configs` (unet, cpu, demo);
+`configs/<name>.py` names the packaged one when no such file is in the current folder.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import lggunet.configs
+from lggunet import (
+    configuration,
+    cross_validation,
+    inference,
+    parallel,
+    predict_files,
+    report,
+    train,
+    walk,
+    workdirs,
+)
+from lggunet.errors import ConfigError, DataError, LggUnetError
+from lggunet.interrupts import Interrupted
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file (e.g. configs/unet.py) or packaged config name (unet, cpu, demo); override "
+    "fields with --config.x=y.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and reports go.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "predict"],
+    "train: train (resuming from the workdir), then score the best checkpoint on validation "
+    "and test; with data.cv_folds > 1, one model per fold and cv_report.md. evaluate: write "
+    "report.json/report.md/report_patients.csv and pictures for the best checkpoint on every "
+    "split (cross-validation: every fold, then cv_report.md). predict: masks for --input "
+    "into --output (a cross-validation workdir predicts with its fold ensemble).",
+)
+flags.DEFINE_string(
+    "input",
+    None,
+    "predict: a .tif slice, a patient folder, a kaggle_3m-style folder of patients, or a zip.",
+)
+flags.DEFINE_string(
+    "output", None, "predict: where <stem>_pred_mask.tif, overlays and volumes.csv go."
+)
+flags.DEFINE_bool(
+    "verbose", False, "On a user error (bad data, config or path), also print the traceback."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Hides INFO chatter of orbax (a dozen lines per checkpoint); warnings still show."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def _predict() -> int:
+    if not FLAGS.input or not FLAGS.output:
+        raise ConfigError("--mode=predict needs --input=PATH and --output=DIR")
+    config = FLAGS.config
+    if not os.path.lexists(Path(FLAGS.input).expanduser()):
+        raise DataError(f"{FLAGS.input}: no such file or folder (--input)")
+    if not workdirs.is_cv_workdir(FLAGS.workdir):  # a missing run is named before --output
+        workdirs.find_checkpoints(FLAGS.workdir)
+    workdirs.make_writable_dir(Path(FLAGS.output).expanduser(), "--output")
+    model = inference.load_model_for(config, FLAGS.workdir, tta=config.predict.tta)
+    result = predict_files.predict_path(
+        model,
+        FLAGS.input,
+        FLAGS.output,
+        threshold=config.predict.threshold,
+        largest_connected_component=config.predict.largest_component,
+    )
+    logging.info(
+        "Wrote %d files for %d patients to %s",
+        len(result.written),
+        len(result.volumes),
+        FLAGS.output,
+    )
+    for message in result.failures:
+        print(f"error: {message}", file=sys.stderr)
+    if result.failures:
+        others = "the others were written" if result.written else "nothing was written"
+        print(f"{len(result.failures)} input(s) failed; {others}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        if not FLAGS.workdir.strip():
+            raise ConfigError("--workdir is empty: name the run's folder (e.g. --workdir=runs/x)")
+        for name in ("workdir", "input", "output"):
+            value = FLAGS[name].value
+            if value and walk.shown(value) != value:  # a newline would split the messages
+                raise ConfigError(
+                    f"--{name}={walk.shown(value)}: the path holds a control character; rename it"
+                )
+        configuration.check(FLAGS.config)  # in every mode, before any work
+        parallel.initialize(FLAGS.config)
+        if not parallel.is_main_process():
+            logging.set_verbosity(logging.WARNING)
+        if FLAGS.mode != "train" and jax.process_count() > 1:
+            raise ConfigError(
+                f"--mode={FLAGS.mode} runs in one process; start it without "
+                "the distributed settings"
+            )
+        cv = FLAGS.config.data.cv_folds > 1
+        if FLAGS.mode == "train" and cv:
+            cross_validation.run(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "train":
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "evaluate" and workdirs.is_cv_workdir(FLAGS.workdir):
+            cross_validation.evaluate(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "evaluate":
+            report.evaluate_run(FLAGS.config, FLAGS.workdir)
+        else:
+            sys.exit(_predict())
+    except (LggUnetError, OSError) as e:
+        if FLAGS.verbose or (isinstance(e, OSError) and not e.filename):
+            raise  # --verbose, or an OSError that names no file: the traceback says more
+        if isinstance(e, OSError):  # a full disk, a read-only folder, a path that is a file
+            e = f"{walk.shown(e.filename)}: {e.strerror or e}"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:  # checkpoint saved; rerunning the same command continues
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def packaged_config(value: str) -> str:
+    """`--config`'s value, with a packaged config's name (`cpu`) or a `configs/<name>.py`
+    that is not in the current folder turned into the path of `lggunet.configs.<name>`."""
+    path, sep, arg = value.partition(":")
+    name = Path(path).stem
+    packaged = Path(lggunet.configs.__file__).parent / f"{name}.py"
+    is_name = path == name
+    is_missing_repo_path = Path(path).parent.name == "configs" and not os.path.exists(path)
+    if packaged.is_file() and name != "__init__" and (is_name or is_missing_repo_path):
+        return f"{packaged}{sep}{arg}"
+    return value
+
+
+def _with_packaged_configs(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + packaged_config(arg[len("--config=") :])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = packaged_config(out[i + 1])
+    return out
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a one-line error (exit 2) for a misspelt or ill-typed config field
+    instead of a traceback."""
+    try:
+        return FLAGS(_with_packaged_configs(argv))
+    except flags.Error as e:  # a value of the wrong type, an unknown flag
+        message = " ".join(str(e).split())
+        print(f"error: {message} (--helpshort lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:  # an override naming no field of the config
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        print(f"error: bad --config override: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """The `lggunet` console script (and run.py)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

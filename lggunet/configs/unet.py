@@ -1,0 +1,135 @@
+"""The Keras notebook's settings: U-Net base 64 / depth 4 on 256x256x3, batch 32, 100 epochs,
+Adam 1e-4, Dice loss, ReduceLROnPlateau(val_loss, factor 0.5, patience 5).
+
+Unlike the notebook, splits are by patient (80/10/10); set data.split_mode='slice' to
+reproduce its leaky slice-level split.
+
+    python run.py --config=configs/unet.py --data.manual_dir=PATH --workdir=runs/unet
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.config_version = 1  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.seed = 0
+    config.batch_size = 32  # global batch, split across devices
+    config.eval_batch_size = 32
+    config.num_epochs = 100
+    config.learning_rate = 1e-4
+    config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
+    config.dtype = "float32"  # or "bfloat16": compute dtype; parameters, optimizer, loss stay f32
+    config.log_every_steps = 50
+    config.summary_images = 8  # validation slices drawn into TensorBoard at each evaluation
+
+    # Stop when val_loss has not improved by more than min_delta for `patience` epochs.
+    # Default 0 = off: the notebook trains all 100 epochs (its best checkpoint is kept anyway).
+    config.early_stopping = ml_collections.ConfigDict()
+    config.early_stopping.patience = 0
+    config.early_stopping.min_delta = 1e-4
+
+    config.distributed = _distributed()
+    config.plateau = _plateau()
+    config.data = _data()
+    config.augment = _augment()
+    config.evaluate, config.predict = _evaluate_and_predict()
+    config.model = _model()
+    return config
+
+
+def _distributed() -> ml_collections.ConfigDict:
+    # Multi-process runs (one process per host): jax.distributed.initialize() is called when
+    # coordinator_address is set here or in $JAX_COORDINATOR_ADDRESS (with $JAX_NUM_PROCESSES,
+    # $JAX_PROCESS_ID), or when auto=True (SLURM, Open MPI, TPU pods are detected).
+    distributed = ml_collections.ConfigDict()
+    distributed.auto = False
+    distributed.coordinator_address = ""  # host:port of process 0
+    distributed.num_processes = 0
+    distributed.process_id = -1
+
+    return distributed
+
+
+def _plateau() -> ml_collections.ConfigDict:
+    # Keras ReduceLROnPlateau(monitor='val_loss') semantics, stepped once per epoch.
+    plateau = ml_collections.ConfigDict()
+    plateau.factor = 0.5
+    plateau.patience = 5
+    plateau.min_delta = 1e-4  # Keras default: improvement means val_loss < best - 1e-4
+    plateau.cooldown = 0
+
+    return plateau
+
+
+def _data() -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict()
+    data.manual_dir = ""  # kaggle_3m folder, a folder holding it, or the Kaggle zip
+    data.data_dir = ""  # prepared data sets; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    data.download = False  # fetch with kagglehub when nothing is found locally
+    data.phantom = False  # with no manual_dir: train on the synthetic phantom instead
+    data.phantom_patients = 12
+    data.phantom_slices = 20
+    data.phantom_seed = 0
+    data.image_size = 256  # the model's input size; slices are resized on device
+    data.split_mode = "patient"  # "patient", or "slice" (leaky: the notebook's split)
+    data.split_seed = 0
+    data.split_fractions = (0.8, 0.1, 0.1)  # train, validation, test (of patients)
+    # Patient-level k-fold cross-validation (folds stratified by institution, split_seed):
+    # cv_folds > 1 trains one model per fold in WORKDIR/fold_<k> (test = fold k; validation =
+    # split_fractions[1] of the patients, from the other folds), then writes cv_report.*.
+    # cv_fold = -1 runs every fold in turn (resumable); k >= 0 only fold k.
+    data.cv_folds = 0
+    data.cv_fold = -1
+    data.num_threads = 4  # grain reader threads
+    data.num_workers = 0  # grain worker processes (0: read in this process)
+    data.device_cache = False  # hold train + validation on the device (uint8, ~1 GB)
+    # "scale" (x/255, the notebook), "zscore_volume" or "brain_zscore" (lggunet/normalization.py)
+    data.normalize = "scale"
+    data.skip_invalid = False  # True: leave out bad slices (each reported) instead of stopping
+    data.oversample_tumour = 1.0  # tumour slices appear this many times per epoch
+
+    return data
+
+
+def _augment() -> ml_collections.ConfigDict:
+    # Keras ImageDataGenerator semantics and the notebook's values; see lggunet/augment.py.
+    augment = ml_collections.ConfigDict()
+    augment.enabled = True
+    # "" = the fields below; or "buda2019", "buda2019_intensity", "notebook", "none"
+    augment.preset = ""
+    augment.rotation_range = 0.2  # degrees (the notebook's 0.2 is 0.2 degrees in Keras)
+    augment.width_shift_range = 0.05  # fraction of the width
+    augment.height_shift_range = 0.05  # fraction of the height
+    augment.shear_range = 0.05  # degrees
+    augment.zoom_range = 0.05  # factors in [1 - z, 1 + z], x and y drawn independently
+    augment.horizontal_flip = True
+    augment.intensity = False  # nnU-Net-style intensity transforms (lggunet/intensity.py)
+
+    return augment
+
+
+def _evaluate_and_predict() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    # --mode=evaluate: which variants report.json / report.md show besides the plain model.
+    evaluate = ml_collections.ConfigDict()
+    evaluate.tta = True  # also average with the horizontally flipped prediction
+    evaluate.largest_component = True  # also keep the largest 3D component per patient
+    evaluate.detection_min_pixels = 10  # a slice is "called" with >= this many pixels
+
+    # --mode=predict: how the written masks are made (default: the plain network, p > 0.5).
+    predict = ml_collections.ConfigDict()
+    predict.tta = False
+    predict.largest_component = False
+    predict.threshold = 0.5
+
+    return evaluate, predict
+
+
+def _model() -> ml_collections.ConfigDict:
+    model = ml_collections.ConfigDict()
+    model.features = 64  # base width; level i has features * 2**i channels
+    model.depth = 4  # number of down-sampling steps
+    model.batch_norm = True
+    model.dropout = 0.0  # dropout rate on the bottleneck
+    model.bn_momentum = 0.99  # BatchNorm running statistics (Keras default)
+    return model

@@ -1,0 +1,130 @@
+"""What a training run remembers between epochs and restarts: the running mean of the train
+metrics, early stopping, and `metrics.jsonl` (one JSON record per epoch), with the log lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from lggunet import files
+
+
+class RunningMean:
+    """Averages batch metrics weighted by each batch's number of real examples."""
+
+    KEYS = ("loss", "dice", "iou", "accuracy")
+
+    def __init__(self, sums: dict[str, float] | None = None, weight: float = 0.0):
+        self.sums: dict[str, float] = dict(sums or {})
+        self.weight = weight
+
+    def add(self, batch_metrics: dict[str, Any]) -> None:
+        w = float(batch_metrics["count"])
+        self.weight += w
+        for k in self.KEYS:
+            self.sums[k] = self.sums.get(k, 0.0) + float(batch_metrics[k]) * w
+
+    def result(self) -> dict[str, float]:
+        return {k: v / max(self.weight, 1.0) for k, v in self.sums.items()}
+
+    def to_json(self) -> dict:
+        return {"sums": self.sums, "weight": self.weight}
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stops when val_loss has not improved by more than `min_delta` for `patience` epochs
+    (patience 0: never). Its state travels in every checkpoint's record. Written out rather
+    than taken from a library: Keras's semantics (strict improvement by min_delta, patience
+    counted in epochs since the best) are what the notebook's users expect."""
+
+    patience: int
+    min_delta: float
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+
+    def update(self, epoch: int, val_loss: float) -> bool:
+        """Records the epoch's val_loss; True when training should stop."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch = val_loss, epoch
+        return self.should_stop(epoch)
+
+    def should_stop(self, epoch: int) -> bool:
+        return self.patience > 0 and epoch - self.best_epoch >= self.patience
+
+    def to_json(self) -> dict:
+        best = self.best_loss if np.isfinite(self.best_loss) else None
+        return {"best_loss": best, "best_epoch": self.best_epoch}
+
+    def restored(self, saved: dict) -> EarlyStopping:
+        best = saved["best_loss"]
+        return dataclasses.replace(
+            self,
+            best_loss=float("inf") if best is None else best,
+            best_epoch=saved["best_epoch"],
+        )
+
+
+def append(path: Path, record: dict) -> None:
+    """Appends one epoch's record to metrics.jsonl."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def drop_epochs_after(path: Path, epoch: int) -> None:
+    """Keeps metrics.jsonl consistent with the restored checkpoint on resume."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-append: dropped, said
+            if line.strip():
+                logging.warning("%s: dropping an unreadable line (%r...)", path, line[:60])
+            continue
+        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+            kept.append(line)
+    files.write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def restore_record(path: Path, meta: dict) -> None:
+    """Appends the checkpoint's epoch record to metrics.jsonl if it is missing there (a kill
+    between checkpoint and log)."""
+    known = set()
+    if path.exists():
+        known = {json.loads(x)["epoch"] for x in path.read_text().splitlines() if x.strip()}
+    if "val_loss" in meta and meta["epoch"] not in known:
+        append(path, {k: v for k, v in meta.items() if k not in ("early_stopping",)})
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(s)
+    return (
+        f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    )
+
+
+def epoch_line(record: dict, num_epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f} dice "
+        f"{record['train_dice']:.4f} | val loss {record['val_loss']:.4f} dice "
+        f"{record['val_dice']:.4f} iou {record['val_iou']:.4f} acc {record['val_accuracy']:.4f} "
+        f"volume-dice {record['val_volume_dice']:.4f} | lr {record['learning_rate']:.2g} | "
+        f"{record['images_per_s']:.1f} images/s"
+    )
+
+
+def final_line(epoch: int, split: str, result: dict) -> str:
+    return (
+        f"best checkpoint (epoch {epoch}) on {split}: loss {result['loss']:.4f} dice "
+        f"{result['dice']:.4f} iou {result['iou']:.4f} acc {result['accuracy']:.4f} | "
+        f"per-volume Dice {result['volume_dice']:.4f} over {len(result['per_volume_dice'])} "
+        f"patients, per-slice Dice {result['slice_dice']:.4f} (at the slices' own size)"
+    )

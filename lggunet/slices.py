@@ -1,0 +1,95 @@
+"""The one reader of slice files, with its limits: TIFF bytes to an image or a mask, the
+Kaggle file-name pattern, and the guard on paths inside zips. The dataset builder (through
+`lggunet.kaggle3m`) and `--mode=predict` (`lggunet.predict_files`) both read with it;
+`lggunet.walk` lists and opens folder files with the same size limit.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import PurePosixPath
+
+import numpy as np
+import tifffile
+
+from lggunet import walk
+from lggunet.errors import DataError
+
+MAX_FILE_BYTES = walk.MAX_FILE_BYTES  # a slice TIFF is ~200 KB; larger files are not read
+MAX_PIXELS_BYTES = 64 * 2**20  # a slice is 192 KiB of pixels; refuse to decode what claims more
+
+# TCGA_<inst>_<id>_<date>_<n>.tif and ..._<n>_mask.tif (extensions in any case, .tif or .tiff)
+SLICE_NAME = re.compile(
+    r"^(?P<case>(?P<patient>TCGA_(?P<institution>[A-Za-z0-9]{2})_[A-Za-z0-9]+)_[0-9]+)"
+    r"_(?P<index>[0-9]+)(?P<mask>_(?i:mask))?\.(?i:tiff?)$"
+)
+
+
+def safe_member(name: str) -> PurePosixPath | None:
+    """A zip member's path as a relative path that stays inside the folder it is read or
+    written under; None for an absolute path, a '..' or a drive (zip-slip)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if name.startswith(("/", "\\")) or path.is_absolute() or not path.parts:
+        return None
+    if ".." in path.parts or ":" in path.parts[0]:
+        return None
+    return path
+
+
+def decode_tiff(data: bytes, where: str) -> np.ndarray:
+    """The one page of a TIFF file's bytes; DataError naming `where` if it is not exactly one
+    readable page of plausible size (a hostile header cannot make it allocate gigabytes)."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) == 0:
+                raise DataError(f"{where}: unreadable TIFF (no image in it)")
+            if len(tif.pages) != 1:
+                raise DataError(f"{where}: a stack of {len(tif.pages)} pages, expected one slice")
+            page = tif.pages[0]
+            if int(np.prod(page.shape, dtype=np.int64)) * page.dtype.itemsize > MAX_PIXELS_BYTES:
+                raise DataError(
+                    f"{where}: claims a {page.shape} {page.dtype} image, far larger than a slice"
+                )
+            return page.asarray()
+    except DataError:
+        raise
+    except Exception as e:  # tifffile raises many types on broken files
+        raise DataError(f"{where}: unreadable TIFF ({type(e).__name__}: {e})") from e
+
+
+def read_image(data: bytes, where: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A (H, W, 3) uint8 slice (pre-contrast, FLAIR, post-contrast) from TIFF bytes, of
+    exactly `shape` when given; a DataError naming `where` otherwise."""
+    image = decode_tiff(data, where)
+    if shape is not None and (image.shape != shape or image.dtype != np.uint8):
+        raise DataError(f"{where}: image is {image.dtype} {image.shape}, expected uint8 {shape}")
+    channels = 1 if image.ndim == 2 else image.shape[-1]
+    if image.ndim not in (2, 3) or channels != 3:
+        raise DataError(
+            f"{where}: {channels} channel(s) {image.shape}; the model needs 3 "
+            "(pre-contrast, FLAIR, post-contrast)"
+        )
+    if image.dtype != np.uint8:
+        raise DataError(f"{where}: pixel type {image.dtype}; expected uint8 (0..255)")
+    return image
+
+
+def read_mask(
+    data: bytes, where: str, shape: tuple[int, ...] | None = None, strict: bool = True
+) -> np.ndarray:
+    """A (H, W) uint8 mask in {0, 1} from TIFF bytes. `strict` (training data): uint8 of
+    exactly `shape` holding {0, 255} or {0, 1}, else a DataError naming `where`; otherwise
+    (ground truth beside images to predict) any non-zero pixel is tumour."""
+    mask = decode_tiff(data, where)
+    if mask.ndim == 3 and (mask.shape[-1] == 1 or not strict):
+        mask = mask[..., 0]
+    if strict and ((shape is not None and mask.shape != shape) or mask.dtype != np.uint8):
+        raise DataError(f"{where}: mask is {mask.dtype} {mask.shape}, expected uint8 {shape}")
+    if strict:
+        values = np.unique(mask)
+        if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+            raise DataError(
+                f"{where}: mask values {values[:8].tolist()} are not in {{0, 255}} (or {{0, 1}})"
+            )
+    return (mask > 0).astype(np.uint8)

@@ -1,0 +1,313 @@
+"""Pure step code: the train state, preprocessing, the forward pass, and the jit-compiled
+train / eval / predict steps over a device mesh.
+
+Everything here is a function of its arguments (state, batch, rng); the loop that calls these
+steps is `lggunet.train`. Evaluation works at the slices' own resolution (256x256 for the
+Kaggle data): the network sees the images resized to `data.image_size`, and its probabilities
+are resized back before anything is scored, as `--mode=predict` writes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+from flax.training import train_state
+
+from lggunet import augment as augment_lib
+from lggunet import losses, metrics, models, parallel
+from lggunet.normalization import normalize_images
+
+Batch = dict[str, jax.Array]
+_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before a loss takes their logit
+SAME_CHANNEL_PAIRS = ((0, 1), (0, 2), (1, 2))  # eval_step's `same_channels` columns
+
+
+class TrainState(train_state.TrainState):
+    """Parameters, optimizer state, BatchNorm statistics and the plateau schedule's state."""
+
+    batch_stats: Any
+    plateau: optax.contrib.ReduceLROnPlateauState
+
+
+@struct.dataclass
+class Weights:
+    """What evaluation and prediction need of a trained model: `apply_fn`, `params` and
+    `batch_stats` (a TrainState has the same three, so steps take either)."""
+
+    params: Any
+    batch_stats: Any
+    apply_fn: Any = struct.field(pytree_node=False)
+
+
+def plateau_schedule(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Keras ReduceLROnPlateau as an optax transformation, stepped once per epoch with the
+    validation loss (improvement: val_loss < best - min_delta; after `patience` epochs
+    without one the rate is multiplied by `factor`)."""
+    return optax.contrib.reduce_on_plateau(
+        factor=config.plateau.factor,
+        patience=config.plateau.patience,
+        rtol=0.0,
+        atol=config.plateau.min_delta,
+        cooldown=config.plateau.cooldown,
+        accumulation_size=1,
+    )
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+    model = models.create(config)
+    size = config.data.image_size
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
+    params = variables["params"]
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+        plateau=plateau_schedule(config).init(params),
+    )
+
+
+def learning_rate(state: TrainState) -> float:
+    return float(state.opt_state.hyperparams["learning_rate"])
+
+
+def step_plateau(
+    state: TrainState, val_loss: float, config: ml_collections.ConfigDict
+) -> TrainState:
+    """Feeds one epoch's validation loss to the plateau schedule and sets Adam's rate."""
+    _, plateau = plateau_schedule(config).update(
+        updates={}, state=state.plateau, value=jnp.asarray(val_loss, jnp.float32)
+    )
+    hyperparams = dict(state.opt_state.hyperparams)
+    hyperparams["learning_rate"] = jnp.asarray(
+        config.learning_rate * plateau.scale, hyperparams["learning_rate"].dtype
+    )
+    return state.replace(
+        plateau=plateau, opt_state=state.opt_state._replace(hyperparams=hyperparams)
+    )
+
+
+def normalized(batch: Batch, normalize: str) -> jax.Array:
+    """The batch's uint8 images, normalised per `normalize` with each example's statistics
+    (see `lggunet.normalization`), at their own size."""
+    return normalize_images(
+        batch["image"],
+        normalize,
+        batch.get("volume_mean"),
+        batch.get("volume_std"),
+        batch.get("brain_stats"),
+    )
+
+
+def preprocess(
+    batch: Batch, image_size: int, normalize: str = "scale"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """uint8 batch -> (normalised float32 images, masks in {0, 1} float32, weights), resized
+    to `image_size` (images bilinear, masks bilinear then thresholded at 0.5): what the
+    network trains on."""
+    images = normalized(batch, normalize)
+    masks = batch["mask"].astype(jnp.float32)
+    if images.shape[1] != image_size or images.shape[2] != image_size:
+        b = images.shape[0]
+        images = jax.image.resize(images, (b, image_size, image_size, 3), "linear")
+        masks = jax.image.resize(masks, (b, image_size, image_size, 1), "linear")
+        masks = (masks >= 0.5).astype(jnp.float32)
+    return images, masks, batch["valid"].astype(jnp.float32)
+
+
+def probabilities(
+    model: Weights | TrainState | tuple[Weights, ...],
+    images: jax.Array,
+    image_size: int,
+    tta: bool = False,
+) -> jax.Array:
+    """p(tumour) (B, H, W, 1) float32 at the size of `images` (normalised, (B, H, W, 3)):
+    the network sees them resized to `image_size` (bilinear) and its probabilities are
+    resized back. With `tta`, averaged with the prediction on the horizontally flipped
+    slices; for a tuple of models (an ensemble of one architecture), their mean. The one
+    forward pass of evaluation, prediction and `lggunet.predict`."""
+    if isinstance(model, tuple):
+        members = [probabilities(m, images, image_size, tta) for m in model]
+        return sum(members) / len(members)
+    b, h, w, _ = images.shape
+    x = images
+    if (h, w) != (image_size, image_size):
+        x = jax.image.resize(images, (b, image_size, image_size, 3), "linear")
+    variables = {"params": model.params, "batch_stats": model.batch_stats}
+    probs = jax.nn.sigmoid(model.apply_fn(variables, x, train=False))
+    if tta:
+        flipped = jax.nn.sigmoid(model.apply_fn(variables, x[:, :, ::-1], train=False))
+        probs = 0.5 * (probs + flipped[:, :, ::-1])
+    if (h, w) != (image_size, image_size):
+        probs = jax.image.resize(probs, (b, h, w, 1), "linear")
+    return probs
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What the jitted steps need from the config (hashable: a static jit argument)."""
+
+    loss: str = "dice"
+    image_size: int = 256
+    normalize: str = "scale"
+    augment: augment_lib.AugmentParams | None = None  # None: no augmentation
+    tta: bool = False  # evaluation: average with the horizontally flipped prediction
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, tta: bool = False) -> StepOptions:
+        return cls(
+            loss=config.loss,
+            image_size=config.data.image_size,
+            normalize=config.data.normalize,
+            augment=augment_params(config),
+            tta=tta,
+        )
+
+
+def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
+    """The config's augmentation: a named preset (plus the intensity transforms when
+    `augment.intensity` is set), or the Keras-style fields; None if off."""
+    if not config.augment.enabled:
+        return None
+    if config.augment.preset:
+        params = augment_lib.PRESETS[config.augment.preset]
+        if config.augment.intensity and params.intensity is None:
+            params = dataclasses.replace(params, intensity=augment_lib.IntensityParams())
+        return params
+    return augment_lib.AugmentParams.from_config(config.augment)
+
+
+def _batch_metrics(loss, masks, probs, weights) -> dict[str, jax.Array]:
+    return {
+        "loss": loss,
+        "dice": metrics.dice_coef(masks, probs, weights),
+        "iou": metrics.iou_coef(masks, probs, weights),
+        "accuracy": metrics.pixel_accuracy(masks, probs, weights),
+        "count": jnp.sum(weights),
+    }
+
+
+def train_step(
+    state: TrainState, batch: Batch, rng: jax.Array, options: StepOptions
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam step on one (augmented) batch; returns the new state and the batch's notebook
+    metrics (at the network's resolution). `rng` drives augmentation and dropout."""
+    images, masks, weights = preprocess(batch, options.image_size, options.normalize)
+    augment_rng, dropout_rng = jax.random.split(rng)
+    if options.augment is not None:
+        images, masks = augment_lib.augment_batch(augment_rng, images, masks, options.augment)
+    loss_fn = losses.get_loss(options.loss)
+
+    def compute_loss(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        return loss_fn(logits, masks, weights), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+    return state, _batch_metrics(loss, masks, jax.nn.sigmoid(logits), weights)
+
+
+def eval_step(
+    state: Weights | TrainState | tuple[Weights, ...],
+    batch: Batch,
+    options: StepOptions,
+    keep_predictions: bool = False,
+) -> dict[str, jax.Array]:
+    """The batch scored at its own resolution: the config's loss and the notebook metrics
+    (batch formulas on the probabilities), per-example pixel counts of p > 0.5 for per-slice
+    and per-volume Dice, and which channel pairs hold the same image (`same_channels` (B, 3):
+    pre/FLAIR, pre/post, FLAIR/post). Padding examples (valid=False) count nowhere. With
+    `keep_predictions`, also `prediction` (p > 0.5) and `truth` (the mask), (B, H, W) bool."""
+    probs = probabilities(
+        state, normalized(batch, options.normalize), options.image_size, options.tta
+    )
+    masks = batch["mask"].astype(jnp.float32)
+    weights = batch["valid"].astype(jnp.float32)
+    p = jnp.clip(probs, _EPS, 1 - _EPS)
+    loss = losses.get_loss(options.loss)(jnp.log(p) - jnp.log1p(-p), masks, weights)
+    out = _batch_metrics(loss, masks, probs, weights)
+    out.update(metrics.slice_stats(masks, probs))
+    image = batch["image"]
+    out["same_channels"] = jnp.stack(
+        [jnp.all(image[..., i] == image[..., j], axis=(1, 2)) for i, j in SAME_CHANNEL_PAIRS],
+        axis=-1,
+    )
+    if keep_predictions:
+        out["prediction"] = probs[..., 0] > 0.5
+        out["truth"] = masks[..., 0] > 0.5
+    return out
+
+
+def predict_step(state: TrainState, batch: Batch, options: StepOptions) -> dict[str, jax.Array]:
+    """Probabilities at the slices' own size, with the masks and (for display) the images on
+    the 0..255 scale."""
+    probs = probabilities(
+        state, normalized(batch, options.normalize), options.image_size, options.tta
+    )
+    return {
+        "image": batch["image"].astype(jnp.float32),
+        "mask": batch["mask"].astype(jnp.float32),
+        "prob": probs,
+    }
+
+
+def initial_state(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, jax.Array]:
+    """(the freshly initialised TrainState, the base PRNG key of the train steps), both
+    replicated over `mesh`; a function of `config.seed` only."""
+
+    def init():
+        init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+        return create_train_state(config, init_rng), step_rng
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The jit-compiled steps of a run over `mesh`: batches sharded, everything else
+    replicated. `train(state, batch, rng)` folds the step number into `rng`."""
+
+    train: Any
+    eval: Any
+    predict: Any
+    plateau: Any
+
+
+def compile_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> CompiledSteps:
+    options = StepOptions.from_config(config)
+    replicated = parallel.replicated(mesh)
+
+    def train_fn(state, batch, rng):
+        return train_step(state, batch, jax.random.fold_in(rng, state.step), options)
+
+    return CompiledSteps(
+        train=jax.jit(train_fn, donate_argnums=0, out_shardings=replicated),
+        eval=compile_eval(options, mesh),
+        predict=jax.jit(functools.partial(predict_step, options=options), out_shardings=replicated),
+        plateau=jax.jit(lambda s, v: step_plateau(s, v, config), out_shardings=replicated),
+    )
+
+
+def compile_eval(options: StepOptions, mesh: jax.sharding.Mesh, keep_predictions: bool = False):
+    """`eval_step` jit-compiled over `mesh` (outputs replicated, predictions sharded)."""
+    fn = functools.partial(eval_step, options=options, keep_predictions=keep_predictions)
+    shardings = parallel.replicated(mesh)
+    if keep_predictions:
+        shardings = None  # let XLA keep the (B, H, W) predictions where they were computed
+    return jax.jit(fn, out_shardings=shardings)
