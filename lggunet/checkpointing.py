@@ -4,11 +4,13 @@ Each checkpoint is a folder `checkpoints/<step>/` (the global training step) wit
 (`state/`) and a JSON record (`meta/`): the epoch's metrics for an end-of-epoch checkpoint, or
 the position in the epoch for one saved on an interrupt (those carry no val_loss and are never
 "best"). orbax writes to a temporary folder and renames it when complete, so an interrupted
-save (kill -9, power loss) is never taken for a whole checkpoint; saves are waited for, so a
-failed write (a full disk) surfaces as a CheckpointError at once, leaving earlier checkpoints
-as they were; a checkpoint that cannot be read back is skipped with a warning for the
-previous one. In multi-process runs every process calls `save`
-(the writes are collective). Nothing here is unpickled.
+save (kill -9, power loss) is never taken for a whole checkpoint. Saves are asynchronous: the
+arrays are copied off the devices, then written while training goes on; the next save (and
+`wait`, at the end and on an interrupt) waits for it, so a failed write (a full disk)
+surfaces there as a CheckpointError naming the step, leaving earlier checkpoints as they were.
+A checkpoint that cannot be read back is skipped with a warning for the previous one. In
+multi-process runs every process calls `save` (the writes are collective). Nothing here is
+unpickled.
 """
 
 from __future__ import annotations
@@ -74,18 +76,27 @@ class CheckpointStore:
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=_val_loss, best_mode="min", create=True
+            preservation_policy=policy,
+            best_fn=_val_loss,
+            best_mode="min",
+            create=True,
+            enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        self._pending: tuple[int, list[int]] | None = None  # (step, steps before) in flight
 
     def save(self, step: int, state: Any, record: dict) -> None:
-        """Saves `state` as checkpoint `step` and waits until it is complete; `record` must
-        hold val_loss when it is an end-of-epoch checkpoint (without it the checkpoint only
-        counts as the latest)."""
+        """Starts saving `state` as checkpoint `step` and returns once its arrays are copied
+        off the devices; the files are written in the background (`wait` to finish). A failed
+        write surfaces as a CheckpointError at the next `save` or `wait`, naming the step.
+        `record` must hold val_loss when it is an end-of-epoch checkpoint (without it the
+        checkpoint only counts as the latest)."""
+        self.wait()  # the previous save first: its failure is reported as its own
         metrics = {"val_loss": float(record["val_loss"])} if "val_loss" in record else None
         before = sorted(self.manager.all_steps())
+        self._pending = (step, before)
         try:
             self.manager.save(
                 step,
@@ -95,13 +106,15 @@ class CheckpointStore:
                 metrics=metrics,
                 force=True,
             )
-            self.manager.wait_until_finished()
         except Exception as e:  # OSError, tensorstore's ValueError, ... on a full disk
-            raise CheckpointError(
-                f"could not write checkpoint {step} in {self.directory} "
-                f"({type(e).__name__}: {e}). Earlier checkpoints are untouched: "
-                f"steps {before}"
-            ) from e
+            self._pending = None
+            raise self._write_error(step, before, e) from e
+
+    def _write_error(self, step: int, before: list[int], e: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"could not write checkpoint {step} in {self.directory} "
+            f"({type(e).__name__}: {e}). Earlier checkpoints are untouched: steps {before}"
+        )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -209,7 +222,14 @@ class CheckpointStore:
         )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight, if any; a CheckpointError if it failed."""
+        pending, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if pending is None:
+                raise CheckpointError(f"a save in {self.directory} failed ({e})") from e
+            raise self._write_error(*pending, e) from e
 
     def close(self) -> None:
         self.manager.close()

@@ -121,6 +121,7 @@ def main(argv: list[str]) -> None:
                 raise ConfigError(
                     f"--{name}={walk.shown(value)}: the path holds a control character; rename it"
                 )
+        logging.info("Config: %s", config_flags.get_config_filename(FLAGS["config"]))
         configuration.check(FLAGS.config)  # in every mode, before any work
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():
@@ -154,16 +155,31 @@ def main(argv: list[str]) -> None:
 
 
 def packaged_config(value: str) -> str:
-    """`--config`'s value, with a packaged config's name (`cpu`) or a `configs/<name>.py`
-    that is not in the current folder turned into the path of `lggunet.configs.<name>`."""
+    """`--config`'s value, with a packaged config's name (`cpu`) or `configs/<name>.py` when
+    no such file is in the current folder turned into the path of `lggunet.configs.<name>`."""
     path, sep, arg = value.partition(":")
     name = Path(path).stem
     packaged = Path(lggunet.configs.__file__).parent / f"{name}.py"
     is_name = path == name
-    is_missing_repo_path = Path(path).parent.name == "configs" and not os.path.exists(path)
-    if packaged.is_file() and name != "__init__" and (is_name or is_missing_repo_path):
+    is_repo_path = Path(path).parts == ("configs", f"{name}.py") and not os.path.exists(path)
+    if packaged.is_file() and name != "__init__" and (is_name or is_repo_path):
         return f"{packaged}{sep}{arg}"
     return value
+
+
+def _check_config_file(value: str) -> None:
+    """One line and exit 2 when `--config` names neither a file nor a packaged config."""
+    path = value.partition(":")[0]
+    if not os.path.isfile(path):
+        names = sorted(
+            p.stem for p in Path(lggunet.configs.__file__).parent.glob("*.py") if p.stem[0] != "_"
+        )
+        print(
+            f"error: --config={value}: no such config file, nor a packaged config "
+            f"({', '.join(names)})",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def _with_packaged_configs(argv: list[str]) -> list[str]:
@@ -171,8 +187,10 @@ def _with_packaged_configs(argv: list[str]) -> list[str]:
     for i, arg in enumerate(out):
         if arg.startswith("--config="):
             out[i] = "--config=" + packaged_config(arg[len("--config=") :])
+            _check_config_file(out[i][len("--config=") :])
         elif arg == "--config" and i + 1 < len(out):
             out[i + 1] = packaged_config(out[i + 1])
+            _check_config_file(out[i + 1])
     return out
 
 

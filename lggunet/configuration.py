@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 1  # `config_version` of configs written by this lggunet
+VERSION = 2  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -43,6 +43,8 @@ ADDED = {
     "data.oversample_tumour": (1, 1.0),
     "augment.preset": (1, ""),
     "augment.intensity": (1, False),
+    "summary_every_epochs": (2, 1),
+    "compilation_cache_dir": (2, ""),
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -55,6 +57,7 @@ RANGES = {
     "learning_rate": (0, 10, False),
     "log_every_steps": (1, None, True),
     "summary_images": (0, 64, True),
+    "summary_every_epochs": (1, None, True),
     "early_stopping.patience": (0, None, True),
     "early_stopping.min_delta": (0, None, True),
     "plateau.factor": (0, 1, False),

@@ -4,15 +4,42 @@ metrics, early stopping, and `metrics.jsonl` (one JSON record per epoch), with t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
 from lggunet import files
+
+
+class LateReader:
+    """Reads each train step's outputs `lag` steps late: with lag 1 the host fetches step
+    k-1's metrics while step k runs, so the accelerator is never left idle waiting for the
+    host; with lag 0 it waits for each step (needed where XLA's CPU all-reduce deadlocks
+    with several steps in flight). `on_ready(step, outputs)` gets them in step order."""
+
+    def __init__(self, on_ready, lag: int = 1):
+        self.on_ready, self.lag = on_ready, lag
+        self.pending: collections.deque = collections.deque()
+
+    def push(self, step: int, outputs) -> None:
+        self.pending.append((step, outputs))
+        while len(self.pending) > self.lag:
+            self._read()
+
+    def flush(self) -> None:
+        """Reads every step still pending (at the end of an epoch, before a save)."""
+        while self.pending:
+            self._read()
+
+    def _read(self) -> None:
+        step, outputs = self.pending.popleft()
+        self.on_ready(step, jax.device_get(outputs))
 
 
 class RunningMean:

@@ -184,7 +184,8 @@ def read_field(data_source_factory, field: str) -> np.ndarray:
 class DeviceCache:
     """A whole split on the accelerator (uint8), batches gathered there by index.
 
-    The full data set is about 1 GB as uint8; use it when that fits beside the model.
+    The full data set is about 1 GB as uint8 (a copy on every device of the mesh); use it
+    when that fits beside the model.
     """
 
     def __init__(
@@ -196,11 +197,13 @@ class DeviceCache:
         if jax.process_count() > 1:
             raise ValueError("the device cache works in single-process runs only")
         plan = epoch_plan(len(data_source), 64, shuffle=False)
-        parts = list(iterate(data_source, plan, num_threads=num_threads))
+        parts = list(iterate(data_source, plan, num_threads=num_threads, prefetch=num_threads))
         host = {k: np.concatenate([p[k][p["valid"]] for p in parts]) for k in parts[0]}
         del host["valid"]
         self.host = {k: v for k, v in host.items() if k not in DEVICE_KEYS}
-        self.device = jax.device_put({k: v for k, v in host.items() if k in DEVICE_KEYS})
+        # On every device of the mesh (replicated): each gathers its rows of a batch locally.
+        place = self._place = None if mesh is None else parallel.replicated(mesh)
+        self.device = jax.device_put({k: v for k, v in host.items() if k in DEVICE_KEYS}, place)
         out = None if mesh is None else parallel.batch_sharded(mesh)
         self._gather = jax.jit(
             lambda arrays, idx: jax.tree.map(lambda a: a[idx], arrays), out_shardings=out
@@ -214,6 +217,6 @@ class DeviceCache:
         for i in range(start, len(plan)):
             idx = plan.indices[i]
             batch = {k: v[idx] for k, v in self.host.items()}
-            batch.update(self._gather(self.device, jax.device_put(idx)))
+            batch.update(self._gather(self.device, jax.device_put(idx, self._place)))
             batch["valid"] = jax.device_put(plan.valid[i], self._valid_sharding)
             yield batch

@@ -1,7 +1,8 @@
 """Stop training cleanly on SIGTERM (preemption, `kill`) or SIGINT (Ctrl-C).
 
-The first signal sets a flag that the training loop polls after every step: it saves a
-checkpoint with its position in the data and returns. A second SIGINT interrupts at once.
+The first signal sets a flag that the training loop polls after every step (the processes of
+a multi-process run agree on it every SIGNAL_EVERY_STEPS steps): it saves a checkpoint with
+its position in the data and returns. A second SIGINT interrupts at once.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import signal
 import threading
 
+import jax
 from absl import logging
+
+from lggunet import parallel
+
+SIGNAL_EVERY_STEPS = 10  # how often the processes of a multi-process run agree on a signal
 
 
 class Interrupted(Exception):
@@ -41,6 +47,15 @@ class StopRequest:
             "Got %s: stopping after this step and saving a checkpoint (rerun to continue)",
             signal.Signals(signum).name,
         )
+
+    def agreed(self, step: int) -> int:
+        """The signal, if one arrived: looked at every step in one process; agreed across
+        processes (a collective) every SIGNAL_EVERY_STEPS steps only."""
+        if jax.process_count() == 1:
+            return self.signum or 0
+        if step % SIGNAL_EVERY_STEPS:
+            return 0
+        return parallel.max_over_processes(self.signum or 0)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

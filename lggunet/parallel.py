@@ -110,6 +110,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+def steps_must_sync() -> bool:
+    """True where the host must wait for each train step before dispatching the next: XLA's
+    CPU all-reduce across several devices deadlocked with many steps in flight."""
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on any of them (a collective call)."""
     if jax.process_count() == 1:

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -50,6 +51,7 @@ def score_source(
     plain variant, and the flip-TTA one when `tta`. `config` gives the model's input size,
     normalisation and loss, and the batch size; one process."""
     mesh = parallel.data_mesh()
+    weights = jax.device_put(weights, parallel.replicated(mesh))  # on every device of the mesh
     options = dataclasses.replace(steps.StepOptions.from_config(config), augment=None)
     plan = input_pipeline.epoch_plan(len(source), config.eval_batch_size, shuffle=False)
     out = {}

@@ -28,11 +28,11 @@ SLICE_NAME = re.compile(
 
 def safe_member(name: str) -> PurePosixPath | None:
     """A zip member's path as a relative path that stays inside the folder it is read or
-    written under; None for an absolute path, a '..' or a drive (zip-slip)."""
+    written under; None for an absolute path, a '..' or a ':' (a drive; zip-slip)."""
     path = PurePosixPath(name.replace("\\", "/"))
     if name.startswith(("/", "\\")) or path.is_absolute() or not path.parts:
         return None
-    if ".." in path.parts or ":" in path.parts[0]:
+    if ".." in path.parts or ":" in name:  # a drive, or an NTFS stream
         return None
     return path
 

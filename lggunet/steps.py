@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -66,13 +67,16 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
     params = variables["params"]
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply,
         params=params,
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
         plateau=plateau_schedule(config).init(params),
     )
+    # A strong int32, as a restored checkpoint has it: with the weak-typed 0 of
+    # TrainState.create, the steps would compile again after every restore.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def learning_rate(state: TrainState) -> float:
@@ -290,6 +294,11 @@ class CompiledSteps:
 
 
 def compile_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> CompiledSteps:
+    """The run's steps, jit-compiled over `mesh` (on first use); with
+    `config.compilation_cache_dir` set, jax keeps the compiled code there for the next run."""
+    if config.compilation_cache_dir:
+        cache = os.path.expanduser(config.compilation_cache_dir)
+        jax.config.update("jax_compilation_cache_dir", cache)
     options = StepOptions.from_config(config)
     replicated = parallel.replicated(mesh)
 

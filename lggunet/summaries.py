@@ -10,8 +10,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
 
-from lggunet import input_pipeline, metrics, parallel
+from lggunet import input_pipeline, metrics, parallel, plots
 
 
 class SummaryWriter:
@@ -63,3 +64,28 @@ def predict_examples(
         for pid, idx, d in zip(batch["patient_id"], batch["slice_index"], dice, strict=True)
     ]
     return out, titles
+
+
+def draw_validation(writer, predict_fn, state, feed, mesh, step: int, count: int) -> None:
+    """`count` validation slices' predictions drawn into TensorBoard (none for count 0)."""
+    if count == 0:
+        return
+    out, titles = predict_examples(
+        predict_fn, state, feed.sources["validation"], feed.tumour_area["validation"], mesh, count
+    )
+    rgb = plots.contour_grid_image(out["image"], out["mask"], out["prob"], titles)
+    writer.image(step, "validation/contours", rgb)
+
+
+def draw_final(predict_fn, state, feed, mesh, workdir: Path, count: int) -> None:
+    """curves.png (metrics.jsonl) and <split>_predictions.png: the best checkpoint on
+    test slices (validation without a test split); 8 slices when `count` is 0."""
+    shown = "test" if "test" in feed.sources else "validation"
+    out, titles = predict_examples(
+        predict_fn, state, feed.sources[shown], feed.tumour_area[shown], mesh, count or 8
+    )
+    if parallel.is_main_process():
+        plots.training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        grid = workdir / f"{shown}_predictions.png"
+        plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
+        logging.info("Wrote %s and %s", workdir / "curves.png", grid)

@@ -5,6 +5,7 @@ restore, one epoch, end of epoch, final evaluation) around the pure steps of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -25,11 +26,10 @@ from lggunet import (
     history,
     input_pipeline,
     parallel,
-    plots,
     summaries,
     workdirs,
 )
-from lggunet.checkpointing import CheckpointStore
+from lggunet.checkpointing import CheckpointError, CheckpointStore
 from lggunet.errors import ConfigError, TrainingDiverged
 from lggunet.feed import Feed
 from lggunet.history import EarlyStopping
@@ -69,6 +69,7 @@ class _Run:
     step_rng: jax.Array
     early: EarlyStopping
     steps_per_epoch: int
+    host_step: int = 0  # the state's step, counted on the host (reading it would wait)
     start_epoch: int = 1
     start_position: int = 0
     partial: dict | None = None  # the record of a checkpoint saved mid-epoch
@@ -131,16 +132,21 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
 def _train(config: ml_collections.ConfigDict, workdir: Path) -> tuple[TrainState, dict]:
     run = _set_up(config, workdir)
     _restore(run)
-    with StopRequest() as stop:
-        t_start, first_step = time.perf_counter(), int(run.state.step)
-        for epoch in range(run.start_epoch, config.num_epochs + 1):
-            position = run.start_position if epoch == run.start_epoch else 0
-            mean, rate = _train_epoch(run, epoch, position, stop, t_start, first_step)
-            if _end_of_epoch(run, epoch, mean, rate):
-                break
-            signum = parallel.max_over_processes(stop.signum or 0)
-            if signum and epoch < config.num_epochs:
-                _save_interrupted(run, epoch + 1, 0, history.RunningMean(), signum)
+    try:
+        with StopRequest() as stop:
+            clock = (time.perf_counter(), run.host_step)  # for images/s and the ETA
+            for epoch in range(run.start_epoch, config.num_epochs + 1):
+                position = run.start_position if epoch == run.start_epoch else 0
+                mean, rate = _train_epoch(run, epoch, position, stop, clock)
+                if _end_of_epoch(run, epoch, mean, rate):
+                    break
+                signum = parallel.max_over_processes(stop.signum or 0)
+                if signum and epoch < config.num_epochs:
+                    _save_interrupted(run, epoch + 1, 0, history.RunningMean(), signum)
+    except BaseException:
+        with contextlib.suppress(CheckpointError):
+            run.store.wait()  # a save in flight is of a good state: let it finish
+        raise
     run.store.wait()
     final = _final_evaluation(run)
     run.writer.close()
@@ -197,16 +203,17 @@ def _restore(run: _Run) -> None:
     meta = None
     if run.store.latest_step() is not None:
         run.state, meta = run.store.restore_latest(run.state)
+        run.host_step = int(run.state.step)
         run.early = run.early.restored(meta["early_stopping"])
         if meta.get("position"):  # saved on an interrupt, mid-epoch
             run.start_epoch, run.start_position, run.partial = meta["epoch"], meta["position"], meta
             _log(
                 "Resumed in epoch %d after %d batches (step %d)",
-                *(run.start_epoch, run.start_position, int(run.state.step)),
+                *(run.start_epoch, run.start_position, run.host_step),
             )
         else:
             run.start_epoch = meta["epoch"] + 1
-            _log("Resumed after epoch %d (step %d)", meta["epoch"], int(run.state.step))
+            _log("Resumed after epoch %d (step %d)", meta["epoch"], run.host_step)
             if run.early.should_stop(meta["epoch"]):
                 run.stopped_early, run.start_epoch = meta["epoch"], run.config.num_epochs + 1
                 _log("That run had stopped early; evaluating its best checkpoint")
@@ -223,60 +230,62 @@ def _restore(run: _Run) -> None:
 
 
 def _train_epoch(
-    run: _Run, epoch: int, position: int, stop: StopRequest, t_start: float, first_step: int
-) -> tuple[history.RunningMean, tuple[int, float]]:
+    run: _Run, epoch: int, position: int, stop: StopRequest, clock: tuple[float, int]
+) -> tuple[history.RunningMean, tuple[int, float, float]]:
     """Trains one epoch from batch `position` on; (the train metrics' mean, (images trained
-    in this session, their seconds))."""
-    config = run.config
-    mean = history.RunningMean()
-    if position:
-        mean = history.RunningMean(**run.partial["train_mean"])
-    t_epoch, images = time.perf_counter(), 0
-    for batch in run.feed.batches("train", run.feed.train_plan(epoch), start=position):
-        signum = parallel.max_over_processes(stop.signum or 0)
-        if signum:
-            _save_interrupted(run, epoch, position, mean, signum)
-        step = int(run.state.step)
-        run.state, out = run.steps.train(
-            run.state, input_pipeline.device_batch(batch), run.step_rng
-        )
-        # Waiting for each step's metrics checks the loss at every step, and avoids a
-        # deadlock seen in XLA's CPU all-reduce with many steps in flight.
-        out = jax.device_get(out)
-        step += 1
-        position += 1
+    in this session, their seconds, the epoch's start)). Each step's metrics are read while
+    the next step runs (`history.LateReader`): the host never waits on the step just sent."""
+    mean = history.RunningMean(**(run.partial["train_mean"] if position else {}))
+    t_epoch, images = time.perf_counter(), [0]
+
+    def account(step: int, out: dict) -> None:
         if not np.isfinite(out["loss"]):
             raise TrainingDiverged(
                 f"loss is {out['loss']} at step {step} (epoch {epoch}); stopping. The last "
                 f"good checkpoint (step {run.store.latest_step()}) is in {run.store.directory}."
             )
         mean.add(out)
-        images += int(out["count"])
-        if step % config.log_every_steps == 0 or step == run.total_steps:
-            rate = (step - first_step) / max(time.perf_counter() - t_start, 1e-9)
-            _log(
-                "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
-                step,
-                run.total_steps,
-                epoch,
-                float(out["loss"]),
-                rate * config.batch_size,
-                history.fmt_seconds((run.total_steps - step) / max(rate, 1e-9)),
-            )
-            run.writer.scalars(
-                step,
-                {
-                    "train/loss": out["loss"],
-                    "train/dice": out["dice"],
-                    "train/learning_rate": learning_rate(run.state),
-                    "train/images_per_s": rate * config.batch_size,
-                },
-            )
-    return mean, (images, time.perf_counter() - t_epoch)
+        images[0] += int(out["count"])
+        if step % run.config.log_every_steps == 0 or step == run.total_steps:
+            _log_step(run, epoch, step, out, clock)
+
+    reader = history.LateReader(account, lag=0 if parallel.steps_must_sync() else 1)
+    for batch in run.feed.batches("train", run.feed.train_plan(epoch), start=position):
+        signum = stop.agreed(run.host_step)
+        if signum:
+            reader.flush()
+            _save_interrupted(run, epoch, position, mean, signum)
+        run.state, out = run.steps.train(
+            run.state, input_pipeline.device_batch(batch), run.step_rng
+        )
+        run.host_step += 1
+        position += 1
+        reader.push(run.host_step, out)
+    reader.flush()
+    return mean, (images[0], time.perf_counter() - t_epoch, t_epoch)
+
+
+def _log_step(run: _Run, epoch: int, step: int, out: dict, clock: tuple[float, int]) -> None:
+    rate = (step - clock[1]) / max(time.perf_counter() - clock[0], 1e-9)
+    batch = run.config.batch_size
+    _log(
+        "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
+        *(step, run.total_steps, epoch, float(out["loss"]), rate * batch),
+        history.fmt_seconds((run.total_steps - step) / max(rate, 1e-9)),
+    )
+    run.writer.scalars(
+        step,
+        {
+            "train/loss": out["loss"],
+            "train/dice": out["dice"],
+            "train/learning_rate": learning_rate(run.state),
+            "train/images_per_s": rate * batch,
+        },
+    )
 
 
 def _end_of_epoch(
-    run: _Run, epoch: int, mean: history.RunningMean, rate: tuple[int, float]
+    run: _Run, epoch: int, mean: history.RunningMean, rate: tuple[int, float, float]
 ) -> bool:
     """Validates, steps the plateau schedule, saves, logs and draws; True to stop early."""
     feed = run.feed
@@ -287,35 +296,33 @@ def _end_of_epoch(
     run.state = run.steps.plateau(run.state, val["loss"])
     record = {
         "epoch": epoch,
-        "step": int(run.state.step),
+        "step": run.host_step,
         "learning_rate": lr_used,
         **{f"train_{k}": v for k, v in mean.result().items()},
         **{f"val_{k}": val[k] for k in ("loss", "dice", "iou", "accuracy")},
         "val_slice_dice": val["slice_dice"],
         "val_volume_dice": val["volume_dice"],
         "images_per_s": rate[0] / max(rate[1], 1e-9),
-        "epoch_seconds": rate[1],
+        "epoch_seconds": time.perf_counter() - rate[2],  # validation included
     }
     stop_now = run.early.update(epoch, val["loss"])
-    run.store.save(
-        int(run.state.step), run.state, {**record, "early_stopping": run.early.to_json()}
-    )
-    out, titles = summaries.predict_examples(  # a collective: every process runs it
-        run.steps.predict,
-        run.state,
-        feed.sources["validation"],
-        feed.tumour_area["validation"],
-        run.mesh,
-        count=run.config.summary_images,
-    )
+    run.store.save(run.host_step, run.state, {**record, "early_stopping": run.early.to_json()})
+    if epoch % run.config.summary_every_epochs == 0 or stop_now:
+        summaries.draw_validation(  # a collective: every process runs it
+            run.writer,
+            run.steps.predict,
+            run.state,
+            feed,
+            run.mesh,
+            run.host_step,
+            run.config.summary_images,
+        )
     if run.main:
         history.append(run.metrics_path, record)
-        step = int(run.state.step)
         run.writer.scalars(
-            step, {f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")}
+            run.host_step,
+            {f"epoch/{k}": v for k, v in record.items() if k not in ("epoch", "step")},
         )
-        rgb = plots.contour_grid_image(out["image"], out["mask"], out["prob"], titles)
-        run.writer.image(step, "validation/contours", rgb)
         run.writer.flush()
     _log("%s", history.epoch_line(record, run.config.num_epochs))
     if stop_now:
@@ -332,7 +339,7 @@ def _save_interrupted(
     run: _Run, epoch: int, position: int, mean: history.RunningMean, signum: int
 ) -> None:
     """Saves a mid-epoch checkpoint (unless one holds this state) and raises Interrupted."""
-    store, step = run.store, int(run.state.step)
+    store, step = run.store, run.host_step
     finite = jax.tree.reduce(
         lambda a, b: a and b,
         jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), run.state.params),
@@ -373,17 +380,11 @@ def _final_evaluation(run: _Run) -> dict:
                 run.steps.eval, best_state, *feed.eval_batches(split), feed.patient_id[split]
             )
             _log("%s", history.final_line(best_meta["epoch"], split, final[split]))
-    shown = "test" if "test" in feed.sources else "validation"
-    out, titles = summaries.predict_examples(
-        run.steps.predict, best_state, feed.sources[shown], feed.tumour_area[shown], run.mesh
-    )
     if run.main:
-        workdir = run.workdir
-        files.write_atomic(workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
-        plots.training_curves(run.metrics_path, workdir / "curves.png")
-        grid = workdir / f"{shown}_predictions.png"
-        plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
-        _log("Wrote %s and %s", workdir / "curves.png", grid)
+        files.write_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+    summaries.draw_final(  # a collective: every process runs it
+        run.steps.predict, best_state, feed, run.mesh, run.workdir, run.config.summary_images
+    )
     return final
 
 

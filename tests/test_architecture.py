@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,13 +96,14 @@ def test_modules_and_functions_stay_small():
 
 def test_configs_import_from_anywhere_and_the_console_script_is_declared(tmp_path):
     code = (
-        "from lggunet.configs import cpu, demo, unet; "
-        "print(cpu.get_config().data.cv_folds, demo.get_config().data.phantom)"
+        "from lggunet.configs import cpu, demo, gpu, unet; "
+        "print(cpu.get_config().data.cv_folds, demo.get_config().data.phantom, "
+        "gpu.get_config().dtype)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
-    assert out.stdout.split() == ["5", "True"]
+    assert out.stdout.split() == ["5", "True", "bfloat16"]
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("lggunet") == "lggunet.cli:run"
 
@@ -142,6 +144,30 @@ def test_training_and_evaluate_report_the_same_numbers(tiny_config, synthetic_ka
         assert plain["slice_dice_mean"] == pytest.approx(logged["slice_dice"], abs=1e-6)
         for key in ("loss", "dice", "iou", "accuracy"):
             assert scored["notebook"]["plain"][key] == pytest.approx(logged[key], rel=1e-5)
+
+    # The same on two devices: the weights go to every device of the mesh.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    args = [
+        f"--workdir={workdir}",
+        "--mode=evaluate",
+        f"--config.data.manual_dir={config.data.manual_dir}",
+    ]
+    args.append(f"--config.data.data_dir={config.data.data_dir}")
+    out = subprocess.run(
+        [sys.executable, str(PACKAGE.parent / "run.py"), "--config=demo", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    two = json.loads((workdir / "report.json").read_text())
+    for split in ("validation", "test"):
+        a, b = evaluated["splits"][split], two["splits"][split]
+        assert b["variants"]["plain"]["volume_dice"]["mean"] == pytest.approx(
+            a["variants"]["plain"]["volume_dice"]["mean"], abs=1e-6
+        )
+        assert b["notebook"]["plain"]["dice"] == pytest.approx(a["notebook"]["plain"]["dice"])
 
     def no_full_restore(*args, **kwargs):
         raise AssertionError("inference restored the whole TrainState")
@@ -184,3 +210,18 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     assert resolved.data.manual_dir == "/new/data" and resolved.data.image_size == 128
     assert resolved.evaluate.tta is False and resolved.eval_batch_size == 8
     assert configuration.for_evaluation(None, given).data.image_size == 64
+
+
+@pytest.mark.parametrize("value", ["nosuch", "configs/nosuch.py", "/nonexistent/cfg.py"])
+def test_a_config_that_is_neither_a_file_nor_packaged_is_one_line(value, tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(PACKAGE.parent / "run.py"), f"--config={value}", "--workdir=w"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    packaged = "(cpu, demo, gpu, unet)"
+    assert out.stderr.strip().splitlines() == [
+        f"error: --config={value}: no such config file, nor a packaged config {packaged}"
+    ]

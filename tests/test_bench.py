@@ -74,3 +74,36 @@ def test_model_flops_of_the_train_step_match_a_hand_count():
     expected = 3 * forward - first_conv_input_grad
     assert abs(counted - expected) < 1e-3 * expected, (counted, expected)
     assert abs(counted - 3 * forward) > 1e-3 * expected  # the correction is seen, not rounded
+
+
+def test_device_check_smoke_prints_every_figure(tmp_path):
+    """bench/device_check.py at tiny sizes: every check runs and reports measured numbers
+    (the same script times the notebook's configuration on a lent GPU)."""
+    out = subprocess.run(
+        [sys.executable, "bench/device_check.py", "--smoke", f"--out={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert [x["check"] for x in lines] == [
+        "versions",
+        "train_step",
+        "train_step",
+        "run",
+        "run_grain",
+        "done",
+    ]
+    assert lines[-1]["failed"] == []
+    assert {x["dtype"] for x in lines[1:3]} == {"bfloat16", "float32"}
+    for run in lines[3:5]:
+        assert run["images_per_s_median"] > 0 and run["extrapolated_100_epochs_s"] > 0
+        assert run["loop_step_ms"] > 0 and isinstance(run["host_overhead"], float)
+    assert lines[3]["device_cache"] and not lines[4]["device_cache"]
+    assert (tmp_path / "device_check.jsonl").read_text().count("\n") == len(lines)
+    syntax = subprocess.run(["bash", "-n", "bench/device_check.sh"], cwd=REPO)
+    assert syntax.returncode == 0

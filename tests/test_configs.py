@@ -4,10 +4,10 @@ import jax
 import pytest
 
 from lggunet import configuration, steps
-from lggunet.configs import cpu, demo, unet
+from lggunet.configs import cpu, demo, gpu, unet
 
 
-@pytest.mark.parametrize("module", [unet, demo, cpu])
+@pytest.mark.parametrize("module", [unet, demo, cpu, gpu])
 def test_shipped_configs_pass_the_checks(module):
     configuration.check(module.get_config())
 

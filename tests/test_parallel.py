@@ -127,3 +127,11 @@ def test_two_processes_train_like_one(tmp_path):
     # Only process 0 wrote the run's files; the checkpoint was written once, collectively.
     assert (tmp_path / "multi" / "metrics.jsonl").exists()
     assert len(list((tmp_path / "multi" / "checkpoints").iterdir())) == 1
+
+
+def test_device_cache_feeds_eight_devices_without_device_to_device_copies(tmp_path):
+    """The cached split is placed on every device of the mesh: steady-state steps gather
+    their rows locally (a transfer guard disallows device-to-device copies)."""
+    out = tmp_path / "cache.npz"
+    finish(run_worker(["cache", out], devices=8))
+    assert int(np.load(out)["step"]) == 5  # 40 examples, batch 8

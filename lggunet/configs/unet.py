@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 1  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 2  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -21,7 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
     config.dtype = "float32"  # or "bfloat16": compute dtype; parameters, optimizer, loss stay f32
     config.log_every_steps = 50
-    config.summary_images = 8  # validation slices drawn into TensorBoard at each evaluation
+    config.summary_images = 8  # validation slices drawn into TensorBoard (0: none)
+    config.summary_every_epochs = 1  # draw them every this many epochs
+    # A folder for jax's persistent compilation cache ("" = off): reruns skip compiling.
+    config.compilation_cache_dir = ""
 
     # Stop when val_loss has not improved by more than min_delta for `patience` epochs.
     # Default 0 = off: the notebook trains all 100 epochs (its best checkpoint is kept anyway).

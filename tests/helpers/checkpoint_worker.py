@@ -5,7 +5,8 @@ python -m tests.helpers.checkpoint_worker loop DIR MB
     (continuing after the latest readable one); the test kill -9s it mid-save.
 python -m tests.helpers.checkpoint_worker fsize DIR
     with a 1 MiB file-size limit (a full disk, as far as writes can tell), saves a small
-    checkpoint 1, then a 4 MiB checkpoint 2: prints the CheckpointError and exits 3.
+    checkpoint 1, then a 4 MiB checkpoint 2 and waits for it: prints the CheckpointError and
+    exits 3.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def loop(directory: str, mb: float) -> None:
         step = meta["epoch"]
     while True:
         step += 1
+        store.wait()  # saves are asynchronous: one in flight at a time, as in training
         print(f"saving {step}", flush=True)
         store.save(step, state(step, mb), {"epoch": step, "val_loss": -float(step)})
         print(f"saved {step}", flush=True)
@@ -45,6 +47,7 @@ def fsize(directory: str) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
     try:
         store.save(2, state(2, 4), {"epoch": 2, "val_loss": -2.0})
+        store.wait()  # the write runs in the background: its failure surfaces here
     except CheckpointError as e:
         print(f"CheckpointError: {e}", flush=True)
         sys.exit(3)

@@ -76,6 +76,41 @@ def run_train(out: str, workdir: str, data_dir: str, epochs: int, overrides: lis
     np.savez(out, step=np.array(int(state.step)), **flat(state))
 
 
+def run_cache(out: str) -> None:
+    """Steady-state train steps fed by the DeviceCache with device-to-device transfers
+    disallowed: the cached split must already be on every device of the mesh."""
+    from lggunet import input_pipeline, parallel
+    from lggunet import steps as step_lib
+
+    config = tiny_config()
+    config.batch_size = 8
+    mesh = parallel.data_mesh()
+    data = np.random.default_rng(0)
+    source = [
+        {
+            "image": data.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "mask": (data.random((32, 32, 1)) > 0.7).astype(np.uint8),
+            "volume_mean": np.zeros(3, np.float32),
+            "volume_std": np.ones(3, np.float32),
+            "brain_stats": np.ones((6, 3), np.float32),
+            "slice_index": i,
+            "tumour_area": 1,
+            "patient_id": b"P",
+        }
+        for i in range(40)
+    ]
+    cache = input_pipeline.DeviceCache(source, mesh=mesh)
+    state, rng = step_lib.initial_state(config, mesh)
+    compiled = step_lib.compile_steps(config, mesh)
+    batches = cache.iterate(input_pipeline.epoch_plan(len(source), 8, shuffle=True))
+    state, _ = compiled.train(state, input_pipeline.device_batch(next(batches)), rng)
+    with jax.transfer_guard_device_to_device("disallow"):
+        for batch in batches:
+            state, _ = compiled.train(state, input_pipeline.device_batch(batch), rng)
+        jax.block_until_ready(state)
+    np.savez(out, step=np.array(int(state.step)))
+
+
 if __name__ == "__main__":
     from absl import logging
 
@@ -83,6 +118,8 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "steps":
         run_steps(out, int(sys.argv[3]) if len(sys.argv) > 3 else 4)
+    elif mode == "cache":
+        run_cache(out)
     else:
         epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 1
         run_train(out, sys.argv[3], sys.argv[4], epochs, sys.argv[6:])
