@@ -22,6 +22,7 @@ Never a figure that was not measured: a check that fails prints {"check": ..., "
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -72,7 +73,8 @@ def timed_run(args, name: str, device_cache: bool, epochs: int, step_ms: float |
     config.num_epochs = epochs
     workdir = args.out / name
     t0 = time.perf_counter()
-    train.train_and_evaluate(config, str(workdir))
+    with contextlib.redirect_stdout(sys.stderr):  # tfds prints there; stdout is JSON lines
+        train.train_and_evaluate(config, str(workdir))
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["epoch_seconds"] for r in records]
