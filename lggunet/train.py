@@ -340,16 +340,12 @@ def _save_interrupted(
 ) -> None:
     """Saves a mid-epoch checkpoint (unless one holds this state) and raises Interrupted."""
     store, step = run.store, run.host_step
-    finite = jax.tree.reduce(
-        lambda a, b: a and b,
-        jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), run.state.params),
-        True,
-    )
-    if not finite:
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(run.state.params)):
         raise TrainingDiverged(
             f"parameters are not finite at step {step}; not saving them. The last good "
             f"checkpoint (step {store.latest_step()}) is in {store.directory}."
         )
+    store.wait()  # an end-of-epoch save in flight may already hold this state
     if step not in store.steps():
         meta = {
             "epoch": epoch,
