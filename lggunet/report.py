@@ -41,6 +41,10 @@ REPORTED = (*SPLITS, workdirs.UNSEEN)
 _BASE_VARIANT = {"plain": "plain", "tta": "tta", "lcc": "plain", "tta+lcc": "tta"}
 
 
+# One compiled eval step per (options, mesh): every split, variant and fold model reuses it.
+_compiled_eval = functools.lru_cache(maxsize=8)(steps.compile_eval)
+
+
 def score_source(
     weights: steps.Weights | tuple[steps.Weights, ...],
     source: Sequence[dict],
@@ -58,7 +62,7 @@ def score_source(
     for name, flip in (("plain", False), ("tta", True)):
         if flip and not tta:
             continue
-        fn = steps.compile_eval(dataclasses.replace(options, tta=flip), mesh, True)
+        fn = _compiled_eval(dataclasses.replace(options, tta=flip), mesh, True)
         batches = input_pipeline.prefetch_to_device(input_pipeline.iterate(source, plan), mesh=mesh)
         out[name] = evaluator.run(
             fn, weights, plan, batches, {}, batch_keys=("patient_id", "slice_index")

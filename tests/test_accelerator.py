@@ -52,6 +52,14 @@ def test_steps_compile_once_per_run_and_after_a_resume(tiny_config, tmp_path):
     assert resumed.get("jit(train_fn)") == 1, resumed
     assert resumed.get("jit(eval_step)") == 1, resumed
 
+    from lggunet import report  # --mode=evaluate: 3 splits, plain and TTA, 2 compilations
+
+    report._compiled_eval.cache_clear()
+    counts.clear()
+    scored = report.evaluate_run(tiny_config, tmp_path / "run")
+    assert set(scored["splits"]) == {"train", "validation", "test"}
+    assert _ours(counts).get("jit(eval_step)") == 2, _ours(counts)
+
 
 def test_the_step_counter_is_a_strong_int32(tiny_config):
     from lggunet import parallel, steps
