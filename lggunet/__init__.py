@@ -1,22 +1,120 @@
 """lggunet: 2D U-Nets for brain tumour (LGG) segmentation on MRI, in JAX/Flax.
 
-import lggunet
-model = lggunet.load_model("runs/unet")   # best checkpoint of a training run
-masks = lggunet.predict(images, model)    # (N, H, W) uint8 in {0, 1}
+    import lggunet
+    model = lggunet.load_model("pretrained")            # packaged; or a run's workdir
+    patient = lggunet.read_patient("TCGA_CS_4941_19960909/")
+    masks = lggunet.predict(patient.images, model)      # (N, H, W) uint8 in {0, 1}
+    lggunet.volume_dice(patient.masks, masks)           # per-volume Dice
+
+The command line (`python run.py` or `lggunet`) trains, evaluates and predicts; the modules
+(`lggunet.models`, `lggunet.steps`, `lggunet.losses`, `lggunet.metrics`, `lggunet.dataset`,
+...) are the pieces for research code.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "Ensemble",
+    "Model",
+    "Patient",
+    "__version__",
+    "configs",
+    "load_model",
+    "predict",
+    "read_patient",
+    "volume_dice",
+]
 
-def load_model(path, *, tta: bool = False):
-    """See `lggunet.inference.load_model`."""
+if TYPE_CHECKING:  # for type checkers; at run time these load on first use (import is light)
+    from lggunet import configs
+    from lggunet.inference import Ensemble, Model
+    from lggunet.scans import Patient
+
+_LAZY = {
+    "Model": ("lggunet.inference", "Model"),
+    "Ensemble": ("lggunet.inference", "Ensemble"),
+    "Patient": ("lggunet.scans", "Patient"),
+    "configs": ("lggunet.configs", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lggunet' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    loaded = importlib.import_module(module)
+    return loaded if attribute is None else getattr(loaded, attribute)
+
+
+def load_model(path: str = "pretrained", *, tta: bool | None = None) -> Model | Ensemble:
+    """A trained model with the preprocessing it was trained with.
+
+    `path`: "pretrained" (the model inside the package, docs/model_card.md), a training
+    run's workdir (its best checkpoint), or a cross-validation workdir (its fold models
+    averaged). `tta`: also average with the horizontally flipped slices; None = the run's
+    own `predict.tta` (on for the packaged model). Reads only the weights.
+    """
     from lggunet import inference
 
     return inference.load_model(path, tta=tta)
 
 
-def predict(images, model, **kwargs):
-    """See `lggunet.inference.predict`."""
+def read_patient(folder: str) -> Patient:
+    """One patient's folder of Kaggle-style TIFFs (or a zip of it), slices in numeric order:
+    `.images` (N, H, W, 3) uint8 (pre-contrast, FLAIR, post-contrast; 0..255), `.masks`
+    (N, H, W) uint8 in {0, 1} when every slice has its `_mask.tif` (else None),
+    `.slice_numbers`, `.files`. A DataError names the file when something cannot be read."""
+    from lggunet import scans
+
+    return scans.read_patient(folder)
+
+
+def predict(
+    images: np.ndarray,
+    model: Model | Ensemble,
+    *,
+    threshold: float = 0.5,
+    largest_connected_component: bool = False,
+    scale: float | None = None,
+) -> np.ndarray:
+    """Binary tumour masks for MRI slices.
+
+    images: (N, H, W, 3) or one (H, W, 3) slice, channels pre-contrast, FLAIR, post-contrast;
+        uint8 in 0..255 as in the TIFFs, or float with `scale` saying what 255 is (scale=1 for
+        images in [0, 1]). Any H, W (resized to the model's input, masks mapped back). Pass
+        one patient's slices together: the model normalises with the volume's statistics.
+    model: `load_model(...)`.
+    threshold: p(tumour) above which a pixel is tumour, in (0, 1).
+    largest_connected_component: keep only the largest 3D component (the slices taken as
+        one volume in order).
+
+    Returns (N, H, W) (or (H, W)) uint8 in {0, 1}. Probabilities: `model(images)`, float32 in
+    [0, 1]. Bad input (NaN, channels first, wrong dtype) raises an InputError saying why.
+    """
     from lggunet import inference
 
-    return inference.predict(images, model, **kwargs)
+    return inference.predict(
+        images,
+        model,
+        threshold=threshold,
+        largest_connected_component=largest_connected_component,
+        scale=scale,
+    )
+
+
+def volume_dice(true: np.ndarray, pred: np.ndarray) -> float:
+    """Dice of two binary volumes (any equal shapes; non-zero = tumour): 2|T&P| / (|T| + |P|),
+    1.0 when both are empty. The literature's per-volume Dice is this per patient."""
+    from lggunet import volume_metrics
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    if true.shape != pred.shape:
+        raise ValueError(f"volume_dice: shapes differ, {true.shape} and {pred.shape}")
+    return volume_metrics.dice(true, pred)

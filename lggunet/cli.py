@@ -5,9 +5,11 @@ lggunet --config=configs/unet.py --config.data.manual_dir=PATH --workdir=runs/un
 lggunet --config=demo --workdir=runs/demo     # synthetic phantom, no download
 lggunet --config=demo --workdir=runs/demo --mode=evaluate
 lggunet --config=demo --workdir=runs/demo --mode=predict --input=P --output=O
+lggunet --mode=predict --input=P --output=O     # the packaged pretrained model
 
-`--config` takes a config file, or the name of one in `lggunet.configs` (unet, cpu, demo);
+`--config` takes a config file, or the name of one in `lggunet.configs` (unet, cpu, demo, gpu);
 `configs/<name>.py` names the packaged one when no such file is in the current folder.
+Training needs it; predict and evaluate without it use the run's own saved settings.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,6 +33,7 @@ from lggunet import (
     predict_files,
     report,
     train,
+    volume_files,
     walk,
     workdirs,
 )
@@ -40,11 +44,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config",
     None,
-    "Config file (e.g. configs/unet.py) or packaged config name (unet, cpu, demo); override "
-    "fields with --config.x=y.",
+    "Config file (e.g. configs/unet.py) or packaged config name (unet, cpu, demo, gpu); "
+    "override fields with --config.x=y. Required to train; predict and evaluate default to "
+    "the run's saved settings.",
     lock_config=True,
 )
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and reports go.")
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "The run's folder: checkpoints, metrics.jsonl, reports. Required to train and evaluate; "
+    "predict without it uses the packaged pretrained model.",
+)
 flags.DEFINE_enum(
     "mode",
     "train",
@@ -66,7 +76,8 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "verbose", False, "On a user error (bad data, config or path), also print the traceback."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+
+_CONFIG_GIVEN = True  # False when --config was left out (predict, evaluate): unet's defaults
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -76,33 +87,50 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def _predict_settings(model) -> ml_collections.ConfigDict:
+    """`predict.*`: the --config file's when one was given, else the model's own recipe's
+    (the run's config.json, or the packaged model's); --config.predict.x=y overrides either."""
+    recipe = (model.members[0] if isinstance(model, inference.Ensemble) else model).config
+    given = _CONFIG_GIVEN or recipe is None
+    settings = ml_collections.ConfigDict((FLAGS.config if given else recipe).predict.to_dict())
+    for key, value in config_flags.get_override_values(FLAGS["config"]).items():
+        if key.startswith("predict."):
+            settings[key.removeprefix("predict.")] = value
+    configuration.check_ranges(ml_collections.ConfigDict({"predict": settings.to_dict()}))
+    return settings
+
+
 def _predict() -> int:
     if not FLAGS.input or not FLAGS.output:
         raise ConfigError("--mode=predict needs --input=PATH and --output=DIR")
-    config = FLAGS.config
     if not os.path.lexists(Path(FLAGS.input).expanduser()):
         raise DataError(f"{FLAGS.input}: no such file or folder (--input)")
-    if not workdirs.is_cv_workdir(FLAGS.workdir):  # a missing run is named before --output
-        workdirs.find_checkpoints(FLAGS.workdir)
+    if FLAGS.workdir and not workdirs.is_cv_workdir(FLAGS.workdir):
+        workdirs.find_checkpoints(FLAGS.workdir)  # a missing run is named before --output
     workdirs.make_writable_dir(Path(FLAGS.output).expanduser(), "--output")
-    model = inference.load_model_for(config, FLAGS.workdir, tta=config.predict.tta)
+    if FLAGS.workdir:
+        model = inference.load_model_for(FLAGS.config, FLAGS.workdir)
+    else:
+        model = inference.load_pretrained()
+        logging.info("No --workdir: predicting with the packaged model (docs/model_card.md)")
+    settings = _predict_settings(model)
+    for member in model.members if isinstance(model, inference.Ensemble) else [model]:
+        member.tta = settings.tta
+    spacing = volume_files.Spacing(settings.pixel_spacing_mm, settings.slice_thickness_mm)
+    logging.info("Model: %s", model)
     result = predict_files.predict_path(
         model,
         FLAGS.input,
         FLAGS.output,
-        threshold=config.predict.threshold,
-        largest_connected_component=config.predict.largest_component,
+        threshold=settings.threshold,
+        largest_connected_component=settings.largest_component,
+        spacing=spacing,
     )
-    logging.info(
-        "Wrote %d files for %d patients to %s",
-        len(result.written),
-        len(result.volumes),
-        FLAGS.output,
-    )
+    logging.info("%s", result.summary(FLAGS.output))
     for message in result.failures:
         print(f"error: {message}", file=sys.stderr)
     if result.failures:
-        others = "the others were written" if result.written else "nothing was written"
+        others = "the others were written" if result.masks_written else "nothing was written"
         print(f"{len(result.failures)} input(s) failed; {others}", file=sys.stderr)
         return 1
     return 0
@@ -113,8 +141,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
-        if not FLAGS.workdir.strip():
+        if FLAGS.mode == "train" and not _CONFIG_GIVEN:
+            raise ConfigError(
+                "--mode=train needs --config=FILE or a packaged config name (unet, cpu, demo, "
+                "gpu), e.g. --config=demo"
+            )
+        if FLAGS["workdir"].present and not FLAGS.workdir.strip():
             raise ConfigError("--workdir is empty: name the run's folder (e.g. --workdir=runs/x)")
+        if FLAGS.mode != "predict" and not FLAGS.workdir:
+            raise ConfigError(
+                f"--mode={FLAGS.mode} needs --workdir=DIR, the run's folder (e.g. --workdir=runs/x)"
+            )
         for name in ("workdir", "input", "output"):
             value = FLAGS[name].value
             if value and walk.shown(value) != value:  # a newline would split the messages
@@ -183,7 +220,13 @@ def _check_config_file(value: str) -> None:
 
 
 def _with_packaged_configs(argv: list[str]) -> list[str]:
+    """argv with packaged config names resolved; without --config, lggunet.configs.unet (its
+    defaults for --config.x overrides; predict and evaluate take the run's own settings)."""
+    global _CONFIG_GIVEN
     out = list(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in out[1:]):
+        _CONFIG_GIVEN = False
+        out.insert(1, "--config=" + packaged_config("unet"))
     for i, arg in enumerate(out):
         if arg.startswith("--config="):
             out[i] = "--config=" + packaged_config(arg[len("--config=") :])

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 2  # `config_version` of configs written by this lggunet
+VERSION = 3  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -45,6 +45,8 @@ ADDED = {
     "augment.intensity": (1, False),
     "summary_every_epochs": (2, 1),
     "compilation_cache_dir": (2, ""),
+    "predict.pixel_spacing_mm": (3, 0.0),
+    "predict.slice_thickness_mm": (3, 0.0),
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -79,6 +81,8 @@ RANGES = {
     "augment.zoom_range": (0, 1, False),
     "evaluate.detection_min_pixels": (0, None, True),
     "predict.threshold": (0, 1, False),
+    "predict.pixel_spacing_mm": (0, 100, True),
+    "predict.slice_thickness_mm": (0, 100, True),
     "model.features": (1, 4096, True),
     "model.depth": (1, 10, True),
     "model.dropout": (0, 1, True),
@@ -127,6 +131,16 @@ def check(config: ml_collections.ConfigDict) -> None:
     _check_split(config.data)
     _check_devices(config)
     _check_training(config)
+    _check_spacing(config.predict)
+
+
+def _check_spacing(predict: ml_collections.ConfigDict) -> None:
+    pixel, thickness = predict.pixel_spacing_mm, predict.slice_thickness_mm
+    if (pixel > 0) != (thickness > 0):
+        raise ConfigError(
+            f"predict.pixel_spacing_mm={pixel}, predict.slice_thickness_mm={thickness}: give "
+            "both (a voxel's three sides) or neither (0: unknown)"
+        )
 
 
 def _check_split(data: ml_collections.ConfigDict) -> None:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from scipy import ndimage
@@ -34,6 +33,7 @@ from lggunet.inputs import check_images, check_statistics, check_threshold
 
 __all__ = [
     "Ensemble",
+    "load_pretrained",
     "Model",
     "check_images",
     "check_threshold",
@@ -64,6 +64,7 @@ class Model:
     batch_size: int = 16
     step: int | None = None  # the training step of the checkpoint
     record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON record
+    config: ml_collections.ConfigDict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def weights(self) -> steps.Weights:
@@ -78,7 +79,9 @@ class Model:
         return (
             f"Model(U-Net features={self.module.features} depth={self.module.depth}, "
             f"{count / 1e6:.2f}M parameters, input {self.image_size}x{self.image_size}, "
-            f"normalize={self.normalize!r}, tta={self.tta}, checkpoint step {self.step})"
+            f"normalize={self.normalize!r}, tta={self.tta}, "
+            + (f"{self.record['name']}, " if self.record.get("name") else "")
+            + f"checkpoint step {self.step})"
         )
 
     def __call__(
@@ -213,12 +216,7 @@ def restore_variables(
 ) -> tuple[dict[str, Any], dict]:
     """({"params"[, "batch_stats"]}, the checkpoint's record) of the best checkpoint (or the
     next readable one): only the weights are read, not the optimizer's state."""
-    module = models.create(config)
-    size = config.data.image_size
-    shapes = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
-    abstract = {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}
+    abstract = models.abstract_variables(config)
     store = CheckpointStore(checkpoints)
     try:
         if store.latest_step() is None:
@@ -237,23 +235,44 @@ def restore_variables(
 
 
 def model_from_config(
-    config: ml_collections.ConfigDict, checkpoints: Path, tta: bool = False
+    config: ml_collections.ConfigDict, checkpoints: Path, tta: bool | None = None
 ) -> Model:
-    """The best checkpoint in `checkpoints` as the model `config` describes."""
+    """The best checkpoint in `checkpoints` as the model `config` describes; `tta` None =
+    `config.predict.tta`."""
     variables, meta = restore_variables(config, checkpoints)
     return Model(
         module=models.create(config),
         variables=variables,
         image_size=config.data.image_size,
         normalize=config.data.normalize,
-        tta=tta,
+        tta=config.predict.tta if tta is None else tta,
         batch_size=max(1, min(config.eval_batch_size, 32)),
         step=meta["checkpoint_step"],
         record=meta,
+        config=config,
     )
 
 
-def load_ensemble(workdir: str | Path, *, tta: bool = False) -> Ensemble:
+def load_pretrained(*, tta: bool | None = None) -> Model:
+    """The model inside the package (`lggunet.pretrained`, docs/model_card.md); `tta` None =
+    its recipe's setting (flip TTA on)."""
+    from lggunet import pretrained
+
+    config, variables, record = pretrained.read()
+    return Model(
+        module=models.create(config),
+        variables=variables,
+        image_size=config.data.image_size,
+        normalize=config.data.normalize,
+        tta=config.predict.tta if tta is None else tta,
+        batch_size=max(1, min(config.eval_batch_size, 32)),
+        step=record.get("step"),
+        record=record,
+        config=config,
+    )
+
+
+def load_ensemble(workdir: str | Path, *, tta: bool | None = None) -> Ensemble:
     """Every fold model of a cross-validation workdir, averaged; all folds must be trained."""
     workdir = Path(workdir).expanduser()
     folds = workdirs.cv_folds_of(workdir)
@@ -269,10 +288,17 @@ def load_ensemble(workdir: str | Path, *, tta: bool = False) -> Ensemble:
     return Ensemble(members)
 
 
-def load_model(path: str | Path, *, tta: bool = False) -> Model | Ensemble:
-    """The best checkpoint of a training run (its workdir or its `checkpoints/` folder), with
-    the model and preprocessing settings that run saved in `config.json`; for a
-    cross-validation workdir, the ensemble of its fold models."""
+def load_model(path: str | Path, *, tta: bool | None = None) -> Model | Ensemble:
+    """A trained model with the preprocessing it was trained with.
+
+    `path`: "pretrained" (the model inside the package), a training run's workdir or its
+    `checkpoints/` folder (its best checkpoint, built from the run's `config.json`), or a
+    cross-validation workdir (the ensemble of its fold models). A folder that happens to be
+    called `pretrained` is loaded as `./pretrained`. `tta`: average with the horizontally
+    flipped prediction; None = what the run's (or the packaged model's) `predict.tta` says.
+    """
+    if str(path) == "pretrained":
+        return load_pretrained(tta=tta)
     path = Path(path).expanduser()
     if workdirs.is_cv_workdir(path):
         return load_ensemble(path, tta=tta)
@@ -287,7 +313,7 @@ def load_model(path: str | Path, *, tta: bool = False) -> Model | Ensemble:
 
 
 def load_model_for(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, tta: bool = False
+    config: ml_collections.ConfigDict, workdir: str | Path, *, tta: bool | None = None
 ) -> Model | Ensemble:
     """The best checkpoint of `workdir`, built with the run's saved config.json when there is
     one (else with `config`); the fold ensemble for a cross-validation workdir."""

@@ -124,3 +124,13 @@ def create(config: ml_collections.ConfigDict) -> UNet:
         bn_momentum=config.model.bn_momentum,
         dtype=jnp.dtype(config.dtype),
     )
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> dict:
+    """The shapes and dtypes of the model's `params` and `batch_stats` (no computation)."""
+    module = create(config)
+    size = config.data.image_size
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    return {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}

@@ -4,128 +4,63 @@ The input is one .tif slice, a patient folder, a kaggle_3m-style folder of patie
 a zip of any of these. For every image `<rel>/<stem>.tif` (files named `*_mask.tif` are ground
 truth and are skipped) it writes `OUT/<rel>/<stem>_pred_mask.tif` (uint8 in {0, 255}, the
 input's height and width) and `OUT/<rel>/<stem>_overlay.png` (FLAIR with the predicted outline
-in red, and the ground truth in green when a `<stem>_mask.tif` lies beside it), then
-`OUT/volumes.csv`: per patient (folder), slices, slices with tumour, tumour area in pixels,
-and, when every slice of the volume has its ground truth beside it, the true area and the
-per-volume Dice (the literature's metric) of the written masks.
+in red, and the ground truth in green when a `<stem>_mask.tif` lies beside it). Per patient
+(volume) it writes `<patient>_pred_mask.nii.gz` (the slices stacked in numeric order, with the
+voxel spacing in its affine) and `<patient>_montage.png` (the tumour-bearing slices), then
+`OUT/volumes.csv`: per patient, slices, slices with tumour, tumour voxels (and mm^3 and ml
+when the spacing is given) and, when every slice of the volume has its ground truth beside
+it, the true voxels, the per-volume Dice (the literature's metric) and HD95 of the written
+masks (`lggunet.volume_files`).
 
-A file that cannot be used (unreadable, wrong channel count, ...) is reported by name and
-skipped; the rest are still processed, and the result lists the failures.
+A file that cannot be used (unreadable, wrong channel count, a patient whose slices differ in
+size, ...) is reported by name and skipped; the rest are still processed, and the result
+lists the failures.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import functools
 import os
-import re
-import zipfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import tifffile
 from absl import logging
 from PIL import Image
-from scipy import ndimage
 
-from lggunet import files, inference, kaggle3m, normalization, slices, walk, workdirs
+from lggunet import (
+    files,
+    inference,
+    kaggle3m,
+    normalization,
+    scans,
+    slices,
+    volume_files,
+    walk,
+    workdirs,
+)
 from lggunet.errors import DataError
-
-_TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
-_MASK = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
-_SLICE_NUMBER = re.compile(r"_(\d+)\.tiff?$", re.IGNORECASE)
-_OUR_MASK = re.compile(r"_pred_mask\.tif$")
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFile:
-    rel: PurePosixPath  # relative path of the image, used for the outputs
-    read: object  # () -> bytes
-    where: str  # for messages
-    mask_key: tuple[str, str] | None = None  # its ground truth's key in the masks, if any
 
 
 @dataclasses.dataclass
 class PredictResult:
-    written: list[Path] = dataclasses.field(default_factory=list)
+    written: list[Path] = dataclasses.field(default_factory=list)  # every file written
     failures: list[str] = dataclasses.field(default_factory=list)
-    volumes: list[dict] = dataclasses.field(default_factory=list)
+    volumes: list[dict] = dataclasses.field(default_factory=list)  # volumes.csv's rows
+    images: int = 0  # images found in the input
+    masks_written: int = 0  # images whose mask (and overlay) were written
+    nifti_written: int = 0
+    montages_written: int = 0
 
-
-MAX_FILE_BYTES = slices.MAX_FILE_BYTES
-
-
-def _wanted(name: str) -> bool:
-    """A .tif that is not macOS metadata (`__MACOSX/`, `._name.tif`) nor a mask this command
-    wrote before (`*_pred_mask.tif`: predicting into the input folder twice)."""
-    parts = PurePosixPath(name).parts
-    return (
-        bool(_TIF.search(name))
-        and "__MACOSX" not in parts
-        and not PurePosixPath(name).name.startswith("._")
-        and not _OUR_MASK.search(name)
-    )
-
-
-def _image_key(rel: PurePosixPath) -> tuple[str, str]:
-    return (rel.parent.as_posix().lower(), _TIF.sub("", rel.name).lower())
-
-
-def _mask_key(rel: PurePosixPath) -> tuple[str, str]:
-    return (rel.parent.as_posix().lower(), _MASK.sub("", rel.name).lower())
-
-
-def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list[str]]:
-    """(images to predict, {key: (reader, where)} of ground-truth masks, problems found while
-    listing).
-    Paths are relative to the input folder (to the file's folder for one file)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    problems: list[str] = []
-    files: dict[PurePosixPath, tuple[object, str]] = {}
-    if path.is_file() and zipfile.is_zipfile(path):
-        archive = zipfile.ZipFile(path)
-        for info in archive.infolist():
-            if info.is_dir() or not _wanted(info.filename):
-                continue
-            rel = slices.safe_member(info.filename)
-            where = walk.shown(f"{path}!{info.filename}")
-            if rel is None:
-                problems.append(f"{where}: path leaves the output folder; skipped")
-            elif rel in files:
-                problems.append(
-                    f"{where}: the same file as {files[rel][1]} (one output path); skipped"
-                )
-            elif info.file_size > MAX_FILE_BYTES:
-                problems.append(f"{where}: {info.file_size} bytes unpacked, not a slice; skipped")
-            else:
-                files[rel] = (lambda info=info: archive.read(info), where)
-    elif not path.is_dir():  # one image (read carefully: it may be a FIFO or huge)
-        if not _TIF.search(path.name):
-            raise DataError(f"{walk.shown(path)}: not a .tif image, a folder or a zip")
-        for sibling in [path, *path.parent.iterdir()]:  # its ground truth, for the overlay
-            rel = PurePosixPath(sibling.name)
-            if sibling == path or _mask_key(rel) == _image_key(PurePosixPath(path.name)):
-                files[rel] = (functools.partial(walk.read_file, sibling), walk.shown(sibling))
-    else:
-        found, problems = walk.list_files(path, lambda rel: _wanted(rel.as_posix()))
-        for f in found:
-            files[f.rel] = (functools.partial(walk.read_file, f.path), walk.shown(f.path))
-    masks = {_mask_key(rel): entry for rel, entry in files.items() if _MASK.search(rel.name)}
-    images = []
-    for rel, (reader, where) in sorted(files.items()):
-        if _MASK.search(rel.name):
-            continue
-        key = _image_key(rel)
-        images.append(InputFile(rel, reader, where, key if key in masks else None))
-    if not images:
-        raise DataError(
-            f"{path}: no .tif images to predict on (files named *_mask.tif are skipped)"
+    def summary(self, output: str | os.PathLike) -> str:
+        """One line: what was found, what was written where, how many failed."""
+        return (
+            f"{self.masks_written} of {self.images} images predicted for {len(self.volumes)} "
+            f"patients: {self.masks_written} masks + {self.masks_written} overlays, "
+            f"{self.nifti_written} NIfTI volumes, {self.montages_written} montages and "
+            f"volumes.csv in {output}; {len(self.failures)} failures"
         )
-    return images, masks, problems
 
 
 def read_slice(data: bytes, where: str) -> np.ndarray:
@@ -133,18 +68,7 @@ def read_slice(data: bytes, where: str) -> np.ndarray:
     return slices.read_image(data, where)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    mask = mask > 0
-    return mask & ~ndimage.binary_erosion(mask)
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
-    """FLAIR (channel 1) in grey with the predicted outline red and the true one green."""
-    rgb = np.repeat(image[..., 1:2], 3, axis=-1).copy()
-    if truth is not None:
-        rgb[_outline(truth)] = (0, 255, 0)
-    rgb[_outline(pred)] = (255, 0, 0)
-    return rgb
+overlay = volume_files.overlay  # FLAIR in grey, predicted outline red, true green
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -152,27 +76,14 @@ def _write_atomic(path: Path, write) -> None:
     files.write_atomic(path, write)
 
 
-def _root_name(path: Path) -> str:
-    """The patient of images lying directly in the input: the folder's (or file's folder's)
-    name, or the zip's stem."""
-    if path.is_dir():
-        return path.resolve().name
-    if zipfile.is_zipfile(path):
-        return path.stem
-    return path.resolve().parent.name
-
-
-def _slice_number(rel: PurePosixPath) -> tuple[int, str]:
-    m = _SLICE_NUMBER.search(rel.name)
-    return (int(m.group(1)) if m else 0, rel.name)
-
-
 def _fail(result: PredictResult, message: str) -> None:
     result.failures.append(message)
     logging.error("%s", message)
 
 
-def _load(items: list[InputFile], result: PredictResult) -> list[tuple[InputFile, np.ndarray]]:
+def _load(
+    items: list[scans.InputFile], result: PredictResult
+) -> list[tuple[scans.InputFile, np.ndarray]]:
     """The volume's slices that read; each that does not is a named failure."""
     loaded = []
     for item in items:
@@ -183,22 +94,30 @@ def _load(items: list[InputFile], result: PredictResult) -> list[tuple[InputFile
     return loaded
 
 
+def _one_size(patient: str, loaded: list, result: PredictResult) -> bool:
+    """True when the volume's slices share one size; else a failure naming the sizes (a
+    volume's mask, volume and HD95 need one grid)."""
+    sizes = collections.Counter(a.shape[:2] for _, a in loaded)
+    if len(sizes) == 1:
+        return True
+    odd = next(it.where for it, a in loaded if a.shape[:2] != sizes.most_common(1)[0][0])
+    listed = ", ".join(f"{h}x{w} in {n}" for (h, w), n in sizes.most_common())
+    _fail(
+        result,
+        f"{patient}: slices of different sizes in one patient ({listed}; e.g. {odd}): "
+        "not predicted",
+    )
+    return False
+
+
 def _predict_volume(model, arrays: list[np.ndarray], threshold: float, lcc: bool) -> list:
     """One volume's binary masks, its statistics taken over all its slices (whichever
-    normalisation the model, or each member, uses); slices of one size predicted at once."""
+    normalisation the model, or each member, uses)."""
     mean, std = kaggle3m.volume_statistics(arrays)
     brain = normalization.brain_statistics(arrays)
-    preds: list = [None] * len(arrays)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_shape.setdefault(a.shape, []).append(i)
-    for idx in by_shape.values():
-        probs = model(np.stack([arrays[i] for i in idx]), mean, std, brain)
-        for i, p in zip(idx, probs, strict=True):
-            preds[i] = (p > threshold).astype(np.uint8)
-    if lcc and len({p.shape for p in preds}) == 1:
-        return list(inference.largest_component(np.stack(preds)))
-    return [inference.largest_component(p) for p in preds] if lcc else preds
+    probs = model(np.stack(arrays), mean, std, brain)
+    preds = (probs > threshold).astype(np.uint8)
+    return list(inference.largest_component(preds) if lcc else preds)
 
 
 @dataclasses.dataclass
@@ -206,11 +125,13 @@ class _Outputs:
     """Where each image's outputs go, never onto an input file."""
 
     output: Path
-    images: list[InputFile]
+    images: list[scans.InputFile]
     masks: dict
     result: PredictResult
+    spacing: volume_files.Spacing
 
     def __post_init__(self):
+        self.volume_names: set[tuple[PurePosixPath, str]] = set()
         self.inputs = {os.path.realpath(it.where) for it in self.images} | {
             os.path.realpath(where) for _, where in self.masks.values()
         }
@@ -227,7 +148,7 @@ class _Outputs:
         out_dir = self.output / Path(*rel.parent.parts)
         return out_dir / f"{stem}_pred_mask.tif", out_dir / f"{stem}_overlay.png"
 
-    def truth(self, item: InputFile, shape: tuple) -> np.ndarray | None:
+    def truth(self, item: scans.InputFile, shape: tuple) -> np.ndarray | None:
         if item.mask_key is None:
             return None
         try:
@@ -238,9 +159,8 @@ class _Outputs:
 
     def write_volume(self, loaded: list, preds: list) -> dict:
         """Writes each slice's mask and overlay; the volume's counts (slices written, with
-        tumour, tumour pixels, and the overlap with the truth for its Dice)."""
-        counts = {"slices": 0, "tumour_slices": 0, "area": 0}
-        overlap = {"intersection": 0, "true": 0, "complete": True}
+        tumour, tumour voxels) and each slice's ground truth (None where it has none)."""
+        counts = {"slices": 0, "tumour_slices": 0, "voxels": 0, "truths": []}
         for (item, image), pred in zip(loaded, preds, strict=True):
             mask_path, png = self.paths(item.rel)
             if {os.path.realpath(mask_path), os.path.realpath(png)} & self.inputs:
@@ -248,7 +168,6 @@ class _Outputs:
                     self.result,
                     f"{mask_path}: is an input file; not overwritten (choose another --output)",
                 )
-                overlap["complete"] = False
                 continue
             truth = self.truth(item, pred.shape)
             try:
@@ -260,31 +179,39 @@ class _Outputs:
                     ),
                 )
             except OSError as e:
-                overlap["complete"] = False  # its area is not counted: no Dice
                 _fail(self.result, f"{mask_path}: cannot write ({e.strerror or e})")
                 continue
-            if truth is None:
-                overlap["complete"] = False
-            else:
-                overlap["intersection"] += int(np.logical_and(truth > 0, pred > 0).sum())
-                overlap["true"] += int((truth > 0).sum())
             self.result.written += [mask_path, png]
+            self.result.masks_written += 1
+            counts["truths"].append(truth)
             counts["slices"] += 1
             counts["tumour_slices"] += int(pred.any())
-            counts["area"] += int(pred.sum())
-        return {**counts, "overlap": overlap}
+            counts["voxels"] += int(pred.sum())
+        return counts
 
-
-def _volumes(images: list[InputFile]) -> dict[tuple[PurePosixPath, str], list[InputFile]]:
-    """Images grouped into volumes (one folder, and one case when the names say so), each in
-    slice order."""
-    groups: dict[tuple[PurePosixPath, str], list[InputFile]] = {}
-    for item in images:
-        match = slices.SLICE_NAME.match(item.rel.name)
-        groups.setdefault((item.rel.parent, match["case"] if match else ""), []).append(item)
-    for items in groups.values():
-        items.sort(key=lambda it: _slice_number(it.rel))
-    return dict(sorted(groups.items()))
+    def write_3d(self, folder: PurePosixPath, patient: str, loaded, preds, truths) -> None:
+        """The volume's NIfTI mask and montage; a failure names what could not be written."""
+        stem = patient
+        while (folder, stem) in self.volume_names:  # two volumes of one name in one folder
+            stem += "_2"
+        self.volume_names.add((folder, stem))
+        out_dir = self.output / Path(*folder.parts)
+        nifti, montage = (out_dir / f"{stem}_pred_mask.nii.gz", out_dir / f"{stem}_montage.png")
+        numbers = [scans.slice_number(item.rel)[0] for item, _ in loaded]
+        try:
+            volume_files.write_nifti(nifti, np.stack(preds), self.spacing)
+            self.result.written.append(nifti)
+            self.result.nifti_written += 1
+            volume_files.write_montage(
+                montage, patient, [a for _, a in loaded], preds, truths, numbers
+            )
+            self.result.written.append(montage)
+            self.result.montages_written += 1
+        except OSError as e:
+            _fail(
+                self.result,
+                f"{walk.shown(e.filename or out_dir)}: cannot write ({e.strerror or e})",
+            )
 
 
 def predict_path(
@@ -294,84 +221,61 @@ def predict_path(
     *,
     threshold: float = 0.5,
     largest_connected_component: bool = False,
+    spacing: volume_files.Spacing | None = None,
 ) -> PredictResult:
-    """Predicts every image under `input_path` into `output` (see the module docstring)."""
+    """Predicts every image under `input_path` into `output` (see the module docstring);
+    `spacing` (mm) gives volumes in mm^3 and ml, HD95 in mm and the NIfTI's voxel size."""
     threshold = inference.check_threshold(threshold)
+    spacing = spacing or volume_files.Spacing()
     output = Path(output).expanduser()
     workdirs.make_writable_dir(output, "--output")
-    images, masks, problems = collect_inputs(input_path)
-    result = PredictResult()
+    images, masks, problems = scans.collect_inputs(input_path)
+    result = PredictResult(images=len(images))
     for message in problems:
         _fail(result, message)
-    outputs = _Outputs(output, images, masks, result)
+    outputs = _Outputs(output, images, masks, result, spacing)
     done = 0
-    for (folder, case), items in _volumes(images).items():
+    for (folder, case), items in scans.volumes(images).items():
+        patient = case or (
+            folder.name if folder.parts else scans.root_name(Path(input_path).expanduser())
+        )
         loaded = _load(items, result)
         done += len(items)
-        if not loaded:
+        if not loaded or not _one_size(patient, loaded, result):
             continue
         arrays = [a for _, a in loaded]
         preds = _predict_volume(model, arrays, threshold, largest_connected_component)
         counts = outputs.write_volume(loaded, preds)
-        patient = case or (
-            folder.name if folder.parts else _root_name(Path(input_path).expanduser())
-        )
-        if counts["slices"]:  # nothing of this volume written: no row to mislead
-            copied = kaggle3m.copied_channels(arrays) if same_shape(arrays) else ""
-            result.volumes.append(
-                {
-                    "patient": patient,
-                    "folder": folder.as_posix(),
-                    "slices": counts["slices"],
-                    "slices_with_tumour": counts["tumour_slices"],
-                    "tumour_area_pixels": counts["area"],
-                    **_volume_dice(counts["overlap"], counts["area"], len(loaded) == len(items)),
-                    "copied_channels": copied,
-                }
+        if not counts["slices"]:  # nothing of this volume written: no row to mislead
+            continue
+        complete = counts["slices"] == len(items)
+        if complete:
+            outputs.write_3d(folder, patient, loaded, preds, counts["truths"])
+        else:
+            _fail(
+                result,
+                f"{patient}: {len(items) - counts['slices']} of its {len(items)} slices could "
+                "not be predicted (above): no NIfTI volume, montage or Dice for it",
             )
-            _log_volume(patient, copied, len(loaded), counts["tumour_slices"], done, len(images))
-    _write_csv(output / "volumes.csv", result.volumes)
-    return result
-
-
-def _log_volume(patient: str, copied: str, slices_read: int, tumour: int, done, total) -> None:
-    if copied == "all three":
-        logging.warning(
-            "%s: all three channels hold the same image (modalities missing and copied); "
-            "the 4 such scans of the 49 scored 0.51 mean per-volume Dice in the "
-            "shipped recipe's cross-validation, against 0.73 for all (RESULTS.md): check its masks",
-            patient,
+        copied = kaggle3m.copied_channels(arrays)
+        result.volumes.append(
+            {
+                "patient": patient,
+                "folder": folder.as_posix(),
+                "slices": counts["slices"],
+                "slices_with_tumour": counts["tumour_slices"],
+                **volume_files.tumour_size(counts["voxels"], spacing),
+                **volume_files.truth_scores(preds, counts["truths"], complete, spacing),
+                "copied_channels": copied,
+                **volume_files.spacing_columns(spacing),
+            }
         )
-    logging.info(
-        "%s: %d slices, %d with tumour (%d/%d images done)",
-        *(patient, slices_read, tumour, done, total),
-    )
-
-
-def _write_csv(path: Path, volumes: list[dict]) -> None:
-    fields = ["patient", "folder", "slices", "slices_with_tumour", "tumour_area_pixels"]
-    fields += ["true_area_pixels", "dice", "copied_channels"]
-
-    def write_csv(p):
-        with open(p, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(volumes)
-
-    _write_atomic(path, write_csv)
-
-
-def same_shape(arrays: list[np.ndarray]) -> bool:
-    return len({a.shape for a in arrays}) == 1
-
-
-def _volume_dice(overlap: dict, pred_area: int, all_read: bool) -> dict:
-    """`true_area_pixels` and `dice` of one volume, blank unless every slice had its truth."""
-    if not (overlap["complete"] and all_read):
-        return {"true_area_pixels": "", "dice": ""}
-    total = overlap["true"] + pred_area
-    dice = 1.0 if total == 0 else 2.0 * overlap["intersection"] / total
-    return {"true_area_pixels": overlap["true"], "dice": round(dice, 6)}
+        volume_files.log_volume(
+            patient, copied, len(loaded), counts["tumour_slices"], done, len(images)
+        )
+    volume_files.write_csv(output / "volumes.csv", result.volumes)
+    result.written.append(output / "volumes.csv")
+    return result
 
 
 def read_mask_bytes(data: bytes, where: str) -> np.ndarray:

@@ -33,16 +33,19 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def hd95(true: np.ndarray, pred: np.ndarray) -> float:
-    """95th-percentile Hausdorff distance in pixels between the masks' surfaces: the larger
-    of the two directed 95th percentiles (MONAI's `compute_hausdorff_distance(percentile=95)`;
-    medpy's `hd95` pools both directions and can come out lower). NaN if either is empty."""
+def hd95(true: np.ndarray, pred: np.ndarray, spacing=None) -> float:
+    """95th-percentile Hausdorff distance between the masks' surfaces: the larger of the two
+    directed 95th percentiles (MONAI's `compute_hausdorff_distance(percentile=95)`; medpy's
+    `hd95` pools both directions and can come out lower). In voxels, or in the units of
+    `spacing` (one length per axis, e.g. (slice thickness, pixel, pixel) in mm). NaN if
+    either is empty."""
     t, p = np.asarray(true, bool), np.asarray(pred, bool)
     if not t.any() or not p.any():
         return float("nan")
     st, sp = _surface(t), _surface(p)
-    to_true = ndimage.distance_transform_edt(~st)  # distance of every voxel to T's surface
-    to_pred = ndimage.distance_transform_edt(~sp)
+    # distance of every voxel to T's (P's) surface
+    to_true = ndimage.distance_transform_edt(~st, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
     return float(max(np.percentile(to_true[sp], 95), np.percentile(to_pred[st], 95)))
 
 

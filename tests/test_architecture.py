@@ -40,8 +40,10 @@ def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
                 base = f"{base}.{node.module}" if node.module else base
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
+            subs = {f"{base}.{a.name}" for a in node.names}
+            found |= subs
+            if not subs <= set(modules):  # a name defined in `base` itself, not a submodule
+                found.add(base)
     return {m for m in found if m in modules and m != name and m != "lggunet"}
 
 

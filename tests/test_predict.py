@@ -11,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
@@ -84,10 +85,77 @@ def test_predict_real_patient_folder(trained, real_data, tmp_path):
     assert row["patient"] == patient.name
     assert int(row["slices"]) == len(images)
     assert int(row["slices_with_tumour"]) == slices_with_tumour
-    assert int(row["tumour_area_pixels"]) == area
-    assert int(row["true_area_pixels"]) == true_area
+    assert int(row["tumour_voxels"]) == area
+    assert int(row["true_voxels"]) == true_area
+    assert row["tumour_mm3"] == row["tumour_ml"] == row["hd95_mm"] == ""  # no spacing given
     expected = 1.0 if true_area + area == 0 else 2 * inter / (true_area + area)
     assert float(row["dice"]) == pytest.approx(expected, abs=1e-6)
+    # The stacked volume: slices in numeric order (1, 2, ..., 10, not 1, 10, 11, 2).
+    nifti = nib.load(out / f"{patient.name}_pred_mask.nii.gz")
+    data = np.asarray(nifti.dataobj)
+    assert data.shape == (256, 256, len(images)) and data.dtype == np.uint8
+    for k in range(len(images)):
+        mask = tifffile.imread(out / f"{patient.name}_{k + 1}_pred_mask.tif")
+        np.testing.assert_array_equal(data[:, :, k].T, mask > 0)
+    assert nifti.header.get_zooms() == (1.0, 1.0, 1.0)
+    with Image.open(out / f"{patient.name}_montage.png") as png:
+        png.verify()
+
+
+def _surface_distances_brute_force(a, b, spacing):
+    """Distances (in mm) from each surface voxel of a to the nearest surface voxel of b."""
+    from scipy import ndimage
+
+    def surface(m):
+        return m & ~ndimage.binary_erosion(m, ndimage.generate_binary_structure(3, 1))
+
+    pa = np.argwhere(surface(a)) * np.asarray(spacing)
+    pb = np.argwhere(surface(b)) * np.asarray(spacing)
+    return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+def test_spacing_gives_millimetres_millilitres_and_a_nifti_in_mm(trained, tmp_path):
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "in" / "TCGA_XX_0007_20000101"
+    folder.mkdir(parents=True)
+    for i in range(1, 13):  # 12 slices: numeric and text order differ
+        image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        tifffile.imwrite(folder / f"TCGA_XX_0007_20000101_{i}.tif", image, photometric="rgb")
+        truth = np.zeros((64, 64), np.uint8)
+        truth[10 + i : 30 + i, 20:40] = 255
+        tifffile.imwrite(folder / f"TCGA_XX_0007_20000101_{i}_mask.tif", truth)
+    out = tmp_path / "out"
+    result = run(
+        [f"--workdir={trained}", "--mode=predict", f"--input={folder}", f"--output={out}",
+         "--config.predict.pixel_spacing_mm=0.5", "--config.predict.slice_thickness_mm=2.5",
+         "--config.predict.threshold=0.3"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_csv(out / "volumes.csv")
+    preds = np.stack(
+        [tifffile.imread(out / f"{folder.name}_{i}_pred_mask.tif") > 0 for i in range(1, 13)]
+    )
+    truths = np.stack(
+        [tifffile.imread(folder / f"{folder.name}_{i}_mask.tif") > 0 for i in range(1, 13)]
+    )
+    voxels = int(preds.sum())
+    assert int(row["tumour_voxels"]) == voxels
+    assert float(row["tumour_mm3"]) == pytest.approx(voxels * 0.5 * 0.5 * 2.5)
+    assert float(row["tumour_ml"]) == pytest.approx(voxels * 0.625 / 1000, abs=1e-6)
+    assert (row["pixel_spacing_mm"], row["slice_thickness_mm"]) == ("0.5", "2.5")
+    nifti = nib.load(out / f"{folder.name}_pred_mask.nii.gz")
+    assert nifti.header.get_zooms() == (0.5, 0.5, 2.5)
+    assert nifti.header.get_xyzt_units()[0] == "mm"
+    np.testing.assert_array_equal(np.asarray(nifti.dataobj).transpose(2, 1, 0), preds)
+    if preds.any():
+        spacing = (2.5, 0.5, 0.5)
+        expected = max(
+            np.percentile(_surface_distances_brute_force(truths, preds, spacing), 95),
+            np.percentile(_surface_distances_brute_force(preds, truths, spacing), 95),
+        )
+        assert float(row["hd95_mm"]) == pytest.approx(expected, rel=1e-3)
+    else:
+        assert row["hd95_mm"] == "" and row["hd95_voxels"] == ""
 
 
 def test_python_api_gives_the_same_masks_as_the_cli(trained, tmp_path):
@@ -122,25 +190,38 @@ def test_bad_inputs_are_named_and_the_good_ones_still_written(trained, tmp_path)
     tifffile.imwrite(folder / "TCGA_XX_0002_20000101_2.tif", good[..., 1])  # 1 channel
     (folder / "TCGA_XX_0002_20000101_3.tif").write_bytes(b"II*\x00garbage" * 10)  # corrupt
     odd = np.random.default_rng(2).integers(0, 256, (200, 180, 3), dtype=np.uint8)
-    tifffile.imwrite(folder / "TCGA_XX_0002_20000101_4.tif", odd, photometric="rgb")
+    other = tmp_path / "in" / "TCGA_XX_0003_20000101"  # another size, all its slices alike
+    other.mkdir()
+    for i in (1, 2):
+        tifffile.imwrite(other / f"TCGA_XX_0003_20000101_{i}.tif", odd, photometric="rgb")
+    mixed = tmp_path / "in" / "TCGA_XX_0004_20000101"  # sizes differ in one patient: refused
+    mixed.mkdir()
+    tifffile.imwrite(mixed / "TCGA_XX_0004_20000101_1.tif", good, photometric="rgb")
+    tifffile.imwrite(mixed / "TCGA_XX_0004_20000101_2.tif", odd, photometric="rgb")
     out = tmp_path / "out"
     result = predict_cli(trained, tmp_path / "in", out)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "TCGA_XX_0002_20000101_2.tif: 1 channel(s)" in result.stderr
     assert "TCGA_XX_0002_20000101_3.tif: unreadable TIFF" in result.stderr
-    assert "2 input(s) failed" in result.stderr
-    written = sorted(p.name for p in (out / folder.name).glob("*_pred_mask.tif"))
-    assert written == [
-        "TCGA_XX_0002_20000101_1_pred_mask.tif",
-        "TCGA_XX_0002_20000101_4_pred_mask.tif",
-    ]
-    # A slice that is not 256x256 is resized for the model and its mask mapped back.
-    assert tifffile.imread(out / folder.name / "TCGA_XX_0002_20000101_4_pred_mask.tif").shape == (
-        200,
-        180,
+    assert (
+        "TCGA_XX_0004_20000101: slices of different sizes in one patient "
+        "(256x256 in 1, 200x180 in 1" in result.stderr
     )
-    (row,) = read_csv(out / "volumes.csv")
-    assert int(row["slices"]) == 2
+    assert "TCGA_XX_0002_20000101: 2 of its 3 slices could not be predicted" in result.stderr
+    assert "4 input(s) failed" in result.stderr
+    assert "3 of 7 images predicted for 2 patients" in result.stderr
+    written = sorted(p.name for p in (out / folder.name).glob("*_pred_mask.tif"))
+    assert written == ["TCGA_XX_0002_20000101_1_pred_mask.tif"]
+    assert not (out / folder.name / "TCGA_XX_0002_20000101_pred_mask.nii.gz").exists()
+    assert not (out / mixed.name).exists()
+    # Slices that are not 256x256 are resized for the model and their masks mapped back.
+    mask = tifffile.imread(out / other.name / "TCGA_XX_0003_20000101_2_pred_mask.tif")
+    assert mask.shape == (200, 180)
+    volume = nib.load(out / other.name / "TCGA_XX_0003_20000101_pred_mask.nii.gz")
+    assert volume.shape == (180, 200, 2)
+    rows = {r["patient"]: r for r in read_csv(out / "volumes.csv")}
+    assert sorted(rows) == ["TCGA_XX_0002_20000101", "TCGA_XX_0003_20000101"]
+    assert int(rows["TCGA_XX_0002_20000101"]["slices"]) == 1
 
 
 def test_empty_folder_and_missing_path_fail_clearly(trained, tmp_path):
@@ -209,7 +290,7 @@ def test_flat_folder_of_two_patients_and_macos_litter(trained, tmp_path):
         ("TCGA_XX_0005_20000101", "2"),
         ("TCGA_XX_0006_20000101", "2"),
     ]
-    assert all(r["dice"] == "" and r["true_area_pixels"] == "" for r in rows)  # no truth
+    assert all(r["dice"] == "" and r["true_voxels"] == "" for r in rows)  # no truth
 
 
 def test_copied_channels_named_per_patient(trained, tmp_path):

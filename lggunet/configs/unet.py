@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 2  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 3  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -124,6 +124,10 @@ def _evaluate_and_predict() -> tuple[ml_collections.ConfigDict, ml_collections.C
     predict.tta = False
     predict.largest_component = False
     predict.threshold = 0.5
+    # Voxel size in mm (the Kaggle TIFFs record none; 0 = unknown): with both, volumes.csv
+    # gives tumour mm^3 and ml and HD95 in mm, and the NIfTI masks carry the spacing.
+    predict.pixel_spacing_mm = 0.0
+    predict.slice_thickness_mm = 0.0
 
     return evaluate, predict
 
