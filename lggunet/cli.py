@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -81,10 +82,23 @@ _CONFIG_GIVEN = True  # False when --config was left out (predict, evaluate): un
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Hides INFO chatter of orbax (a dozen lines per checkpoint); warnings still show."""
+    """Hides libraries' chatter that says nothing to a user: orbax's INFO (a dozen lines per
+    checkpoint), jax's failed probe for a TPU, tfds's 600-character config dump and its advice
+    to install OpenCV. Other warnings still show."""
+
+    NOISE = (
+        "Unable to initialize backend",
+        "Using custom data configuration",
+        "OpenCV is not installed",
+        "Done writing",
+        "Generating dataset",
+    )
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        if record.levelno < pylogging.WARNING and "/orbax/" in record.pathname:
+            return False
+        message = str(record.msg)
+        return record.levelno >= pylogging.ERROR or not message.startswith(self.NOISE)
 
 
 def _predict_settings(model) -> ml_collections.ConfigDict:
@@ -130,16 +144,21 @@ def _predict() -> int:
     for message in result.failures:
         print(f"error: {message}", file=sys.stderr)
     if result.failures:
-        others = "the others were written" if result.masks_written else "nothing was written"
-        print(f"{len(result.failures)} input(s) failed; {others}", file=sys.stderr)
+        print(
+            f"{len(result.failures)} problem(s) above; {result.masks_written} of "
+            f"{result.images} images were predicted and written",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if not sys.stderr.isatty():  # a log file or a pipe: no progress-bar escape codes
+        from tensorflow_datasets.core.utils import tqdm_utils
+
+        tqdm_utils.display_progress_bar(False)
     try:
         if FLAGS.mode == "train" and not _CONFIG_GIVEN:
             raise ConfigError(
@@ -237,19 +256,39 @@ def _with_packaged_configs(argv: list[str]) -> list[str]:
     return out
 
 
+def _usage_error(message: str) -> None:
+    print(f"error: {message} (--help lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _help() -> str:
+    """The usage and this command's own flags (absl's --help shows neither for a console
+    script), without absl's "(default: 'None')" lines."""
+    text = FLAGS.module_help(sys.modules[__name__])
+    lines = [x for x in text.splitlines() if x.strip() != "(default: 'None')"]
+    return (__doc__ or "").strip() + "\n\nflags:\n" + "\n".join(lines[1:]) + "\n"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a one-line error (exit 2) for a misspelt or ill-typed config field
-    instead of a traceback."""
+    """absl's parsing, with a one-line error (exit 2) for a misspelt or ill-typed flag or
+    config field, or a stray argument, instead of a usage dump or a traceback."""
+    if any(a in ("-h", "-?", "--help", "--helpshort") for a in argv[1:]):
+        print(_help(), end="")
+        sys.exit(0)
     try:
-        return FLAGS(_with_packaged_configs(argv))
+        rest = FLAGS(_with_packaged_configs(argv))
     except flags.Error as e:  # a value of the wrong type, an unknown flag
         message = " ".join(str(e).split())
-        print(f"error: {message} (--helpshort lists the flags)", file=sys.stderr)
-        sys.exit(2)
+        unknown = re.fullmatch(r"Unknown command line flag '(config\..+)'", message)
+        _usage_error(f"--{unknown[1]}: the config has no such field" if unknown else message)
     except (AttributeError, KeyError) as e:  # an override naming no field of the config
-        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-        print(f"error: bad --config override: {message}", file=sys.stderr)
-        sys.exit(2)
+        key = str(e).strip("'\"").split("\\n")[0].split()[0].strip("'\"")
+        paths = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [x for x in paths if x.split(".")[-1] == key or f".{key}." in f"{x}."]
+        _usage_error(f"--{named[0] if named else 'config.' + key}: the config has no such field")
+    if len(rest) > 1:
+        _usage_error(f"unexpected argument(s) {' '.join(rest[1:])!r}: flags are --name=value")
+    return rest
 
 
 def run() -> None:

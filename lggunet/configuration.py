@@ -298,3 +298,15 @@ def for_evaluation(
     out.evaluate = ml_collections.ConfigDict(given.evaluate.to_dict())
     out.eval_batch_size = given.eval_batch_size
     return out
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """The training recipe in one short line (config.json has every field)."""
+    augment = config.augment.preset or ("custom" if config.augment.enabled else "none")
+    oversample = config.data.oversample_tumour
+    return (
+        f"Recipe: {config.data.image_size}x{config.data.image_size} input, loss {config.loss}, "
+        f"normalize {config.data.normalize}, augment {augment}, Adam {config.learning_rate:g}, "
+        f"batch {config.batch_size}, {config.num_epochs} epochs"
+        + (f", tumour slices x{oversample:g}" if oversample > 1 else "")
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,8 @@ def epoch_line(record: dict, num_epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f} dice "
         f"{record['train_dice']:.4f} | val loss {record['val_loss']:.4f} dice "
-        f"{record['val_dice']:.4f} iou {record['val_iou']:.4f} acc {record['val_accuracy']:.4f} "
+        f"{record['val_dice']:.4f} iou {record['val_iou']:.4f} "
+        f"accuracy {100 * record['val_accuracy']:.2f}% "
         f"volume-dice {record['val_volume_dice']:.4f} | lr {record['learning_rate']:.2g} | "
         f"{record['images_per_s']:.1f} images/s"
     )
@@ -151,7 +153,33 @@ def epoch_line(record: dict, num_epochs: int) -> str:
 def final_line(epoch: int, split: str, result: dict) -> str:
     return (
         f"best checkpoint (epoch {epoch}) on {split}: loss {result['loss']:.4f} dice "
-        f"{result['dice']:.4f} iou {result['iou']:.4f} acc {result['accuracy']:.4f} | "
+        f"{result['dice']:.4f} iou {result['iou']:.4f} accuracy {100 * result['accuracy']:.2f}% | "
         f"per-volume Dice {result['volume_dice']:.4f} over {len(result['per_volume_dice'])} "
         f"patients, per-slice Dice {result['slice_dice']:.4f} (at the slices' own size)"
     )
+
+
+@dataclasses.dataclass
+class Clock:
+    """Training's rates, leaving compiling out: images/s over this epoch's steps so far (no
+    validation in it), the ETA over every step since the first one compiled."""
+
+    batch_size: int = 1
+    since: tuple[float, int] = (0.0, 0)  # (time, step) the ETA counts from
+    epoch: tuple[float, int] = (0.0, 0)  # (time, step) images/s counts from
+    compiled: bool = False  # the train step has run (compiled) once in this session
+
+    def start(self, step: int) -> None:
+        self.since = self.epoch = (time.perf_counter(), step)
+
+    def new_epoch(self, step: int) -> None:
+        self.epoch = (time.perf_counter(), step)
+
+    def step_line(self, step: int, total: int, epoch: int, loss) -> tuple[str, float]:
+        """("step s/total (epoch e): loss, images/s, ETA", images/s)."""
+        now = time.perf_counter()
+        overall = (step - self.since[1]) / max(now - self.since[0], 1e-9)
+        images_per_s = self.batch_size * (step - self.epoch[1]) / max(now - self.epoch[0], 1e-9)
+        eta = fmt_seconds((total - step) / max(overall, 1e-9))
+        line = f"step {step}/{total} (epoch {epoch}): loss {float(loss):.4f}, "
+        return line + f"{images_per_s:.1f} images/s, ETA {eta}", images_per_s

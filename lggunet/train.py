@@ -74,6 +74,10 @@ class _Run:
     start_position: int = 0
     partial: dict | None = None  # the record of a checkpoint saved mid-epoch
     stopped_early: int | None = None
+    clock: history.Clock = dataclasses.field(default_factory=history.Clock)
+
+    def __post_init__(self):
+        self.clock.batch_size = self.config.batch_size
 
     @property
     def main(self) -> bool:
@@ -134,10 +138,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> tuple[TrainState
     _restore(run)
     try:
         with StopRequest() as stop:
-            clock = (time.perf_counter(), run.host_step)  # for images/s and the ETA
+            run.clock.start(run.host_step)  # for images/s and the ETA
             for epoch in range(run.start_epoch, config.num_epochs + 1):
                 position = run.start_position if epoch == run.start_epoch else 0
-                mean, rate = _train_epoch(run, epoch, position, stop, clock)
+                mean, rate = _train_epoch(run, epoch, position, stop)
                 if _end_of_epoch(run, epoch, mean, rate):
                     break
                 signum = parallel.max_over_processes(stop.signum or 0)
@@ -182,7 +186,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     state, step_rng = initial_state(config, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log("U-Net: %d parameters (%.2fM)", num_params, num_params / 1e6)
-    _log("Step options: %s", StepOptions.from_config(config))
+    _log("%s", configuration.describe(config))
     return _Run(
         config=config,
         workdir=workdir,
@@ -230,13 +234,16 @@ def _restore(run: _Run) -> None:
 
 
 def _train_epoch(
-    run: _Run, epoch: int, position: int, stop: StopRequest, clock: tuple[float, int]
+    run: _Run, epoch: int, position: int, stop: StopRequest
 ) -> tuple[history.RunningMean, tuple[int, float, float]]:
     """Trains one epoch from batch `position` on; (the train metrics' mean, (images trained
     in this session, their seconds, the epoch's start)). Each step's metrics are read while
-    the next step runs (`history.LateReader`): the host never waits on the step just sent."""
+    the next step runs (`history.LateReader`): the host never waits on the step just sent,
+    except the session's first, which compiles: its time is left out of every rate."""
     mean = history.RunningMean(**(run.partial["train_mean"] if position else {}))
-    t_epoch, images = time.perf_counter(), [0]
+    started = t_epoch = time.perf_counter()
+    images = [0]
+    run.clock.new_epoch(run.host_step)
 
     def account(step: int, out: dict) -> None:
         if not np.isfinite(out["loss"]):
@@ -247,7 +254,7 @@ def _train_epoch(
         mean.add(out)
         images[0] += int(out["count"])
         if step % run.config.log_every_steps == 0 or step == run.total_steps:
-            _log_step(run, epoch, step, out, clock)
+            _log_step(run, epoch, step, out)
 
     reader = history.LateReader(account, lag=0 if parallel.steps_must_sync() else 1)
     for batch in run.feed.batches("train", run.feed.train_plan(epoch), start=position):
@@ -255,33 +262,30 @@ def _train_epoch(
         if signum:
             reader.flush()
             _save_interrupted(run, epoch, position, mean, signum)
+        if not run.clock.compiled:
+            _log("Compiling the train step (the first step waits for it) ...")
         run.state, out = run.steps.train(
             run.state, input_pipeline.device_batch(batch), run.step_rng
         )
         run.host_step += 1
         position += 1
         reader.push(run.host_step, out)
+        if not run.clock.compiled:  # rates count from here: compiling is not training
+            reader.flush()
+            run.clock.compiled = True
+            _log("Train step compiled and run in %.1f s", time.perf_counter() - t_epoch)
+            t_epoch, images[0] = time.perf_counter(), 0
+            run.clock.start(run.host_step)
     reader.flush()
-    return mean, (images[0], time.perf_counter() - t_epoch, t_epoch)
+    return mean, (images[0], time.perf_counter() - t_epoch, started)
 
 
-def _log_step(run: _Run, epoch: int, step: int, out: dict, clock: tuple[float, int]) -> None:
-    rate = (step - clock[1]) / max(time.perf_counter() - clock[0], 1e-9)
-    batch = run.config.batch_size
-    _log(
-        "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
-        *(step, run.total_steps, epoch, float(out["loss"]), rate * batch),
-        history.fmt_seconds((run.total_steps - step) / max(rate, 1e-9)),
-    )
-    run.writer.scalars(
-        step,
-        {
-            "train/loss": out["loss"],
-            "train/dice": out["dice"],
-            "train/learning_rate": learning_rate(run.state),
-            "train/images_per_s": rate * batch,
-        },
-    )
+def _log_step(run: _Run, epoch: int, step: int, out: dict) -> None:
+    line, images_per_s = run.clock.step_line(step, run.total_steps, epoch, out["loss"])
+    _log("%s", line)
+    scalars = {"train/loss": out["loss"], "train/dice": out["dice"]}
+    scalars["train/learning_rate"] = learning_rate(run.state)
+    run.writer.scalars(step, {**scalars, "train/images_per_s": images_per_s})
 
 
 def _end_of_epoch(

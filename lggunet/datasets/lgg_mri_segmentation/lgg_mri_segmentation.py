@@ -108,6 +108,18 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
+    def _log_download_bytes(self) -> None:
+        # tfds prints "Downloading and preparing dataset Unknown size ..." here; nothing is
+        # downloaded (the slices are read where they are), so say what does happen.
+        logging.info(
+            "Preparing the data set from %s into %s (a one-time step; later runs reuse it)",
+            self.builder_config.source or "the manual folder",
+            self.data_dir,
+        )
+
+    def _log_download_done(self) -> None:
+        logging.info("Prepared %s", self.data_dir)
+
     def _split_generators(self, dl_manager):
         config: LggConfig = self.builder_config
         source = kaggle3m.open_source(config.source or dl_manager.manual_dir)
