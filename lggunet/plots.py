@@ -1,24 +1,24 @@
-"""Pictures of a run: training curves and predicted contours over FLAIR."""
+"""Pictures of a run: training curves and predicted contours over FLAIR. Figures are drawn
+without pyplot, so importing lggunet leaves a notebook's matplotlib backend alone."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lggunet import files  # noqa: E402
+from lggunet import files
 
 
 def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl."""
     records = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in records], label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation")
     axes[0].set_title("loss (-Dice, smooth=100)")
@@ -36,7 +36,6 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))  # never half a PNG
-    plt.close(fig)
     return Path(out_png)
 
 
@@ -44,7 +43,8 @@ def _contour_figure(images, masks, probs, titles, columns):
     n = len(images)
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * columns, 3 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, mask, prob, title in zip(
@@ -72,7 +72,6 @@ def contour_grid(
     """FLAIR (channel 1) with the true (green) and predicted (red, p > 0.5) outlines."""
     fig = _contour_figure(images, masks, probs, titles, columns)
     files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))  # never half a PNG
-    plt.close(fig)
     return Path(out_png)
 
 
@@ -82,7 +81,7 @@ def contour_grid_image(
     """`contour_grid` as an RGB uint8 array (H, W, 3), e.g. for TensorBoard."""
     fig = _contour_figure(images, masks, probs, titles, columns)
     fig.set_dpi(80)
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     return rgb

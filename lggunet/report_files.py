@@ -9,13 +9,10 @@ import io
 import json
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
 from lggunet import evaluator, files, plots, splits
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 ORDER = ("train", "validation", "test", "unseen")  # the report's splits, in this order
 
@@ -48,7 +45,8 @@ def slice_grid(source, split, scores: dict, out_png: Path) -> Path | None:
 
 def box_plot(per_split_rows: dict[str, list[dict]], out_png: Path) -> Path:
     splits = [s for s in ORDER if per_split_rows.get(s)]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(splits), 3.6))
+    fig = Figure(figsize=(1.8 + 1.6 * len(splits), 3.6))
+    ax = fig.subplots()
     data = [[r["dice"] for r in per_split_rows[s]] for s in splits]
     ax.boxplot(data, showmeans=True)
     ax.set_xticks(
@@ -68,7 +66,6 @@ def box_plot(per_split_rows: dict[str, list[dict]], out_png: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))
-    plt.close(fig)
     return out_png
 
 
@@ -228,7 +225,8 @@ def cv_plot(rows: list[dict], out_png: Path, miss: float) -> None:
     for r in rows:
         by_inst.setdefault(splits.institution_of(r["patient"]), []).append(float(r["dice"]))
     names = sorted(by_inst)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.2 * len(names), 3.6))
+    fig = Figure(figsize=(1.8 + 1.2 * len(names), 3.6))
+    ax = fig.subplots()
     ax.boxplot([by_inst[n] for n in names], showmeans=True)
     for i, n in enumerate(names, 1):
         jitter = np.random.default_rng(i).uniform(-0.08, 0.08, len(by_inst[n]))
@@ -240,7 +238,4 @@ def cv_plot(rows: list[dict], out_png: Path, miss: float) -> None:
     ax.set_title("cross-validation: every patient scored by the model that never saw it")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))
-    finally:
-        plt.close(fig)
+    files.write_atomic(out_png, lambda p: fig.savefig(p, dpi=100))

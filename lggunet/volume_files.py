@@ -13,17 +13,14 @@ import dataclasses
 import gzip
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from absl import logging
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from scipy import ndimage
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from lggunet import files, volume_metrics  # noqa: E402
-from lggunet.errors import ConfigError  # noqa: E402
+from lggunet import files, volume_metrics
+from lggunet.errors import ConfigError
 
 MONTAGE_MAX_SLICES = 30
 
@@ -155,7 +152,8 @@ def write_montage(
     )
     cols = min(6, len(chosen))
     rows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows + 0.8), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.2 * rows + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     has_truth = False
@@ -176,7 +174,6 @@ def write_montage(
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     files.write_atomic(path, lambda p: fig.savefig(p, dpi=80, format="png"))
-    plt.close(fig)
 
 
 CSV_FIELDS = [

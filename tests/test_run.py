@@ -63,6 +63,50 @@ def test_demo_config_trains_on_the_phantom(tmp_path):
     assert "epoch 2/2" in result.stderr
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert final["test"]["num_slices"] == 8  # one phantom patient of 8 slices
+    # A console people can read (stderr is a pipe here, as in a log file):
+    console = result.stdout + result.stderr
+    for noise in (
+        "Unable to initialize backend 'tpu'",
+        "Downloading and preparing",
+        "Unknown size",
+        "Using custom data configuration",
+        "\x1b[",  # progress-bar escape codes
+        "\r",
+    ):
+        assert noise not in console, noise
+    assert max(map(len, console.splitlines())) < 400
+    lines = result.stderr.splitlines()
+    compiling = next(i for i, x in enumerate(lines) if "Compiling the train step" in x)
+    compiled = next(i for i, x in enumerate(lines) if "Train step compiled and run in" in x)
+    first_step = next(i for i, x in enumerate(lines) if " step " in x and "images/s" in x)
+    assert compiling < compiled < first_step
+    epoch_1 = next(x for x in lines if "epoch 1/2" in x)
+    accuracy = float(epoch_1.split("accuracy ")[1].split("%")[0])
+    assert abs(accuracy - 100 * records[0]["val_accuracy"]) < 0.006  # as in the reports: %
+
+
+def test_help_lists_the_flags_and_usage_errors_are_one_line(tmp_path):
+    result = run(["--help"], tmp_path)
+    assert result.returncode == 0
+    for flag in ("--config", "--workdir", "--mode", "--input", "--output"):
+        assert flag in result.stdout, flag
+    assert "'None'" not in result.stdout
+    for args, expected in (
+        (["--config=demo", "--workdir=w", "stray"], "unexpected argument(s) 'stray'"),
+        (["--config=demo", "--workdir=w", "--config.data.nosuch=1"], "--config.data.nosuch:"),
+        (["--config=demo", "--workdir=w", "--mode=fly"], "--mode=fly"),
+        (["--workdir=w"], "--mode=train needs --config"),
+        (["--config=demo"], "--mode=train needs --workdir"),
+        (["--mode=evaluate"], "--mode=evaluate needs --workdir"),
+        (["--mode=predict", "--workdir=", "--input=x", "--output=o"], "--workdir is empty"),
+    ):
+        result = run(args, tmp_path)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        lines = [x for x in result.stderr.splitlines() if x[:1] not in ("I", "W")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (
+            args,
+            result.stderr[-2000:],
+        )
 
 
 def test_unusable_data_dir_is_one_line_naming_the_setting(tmp_path):
