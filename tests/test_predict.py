@@ -386,6 +386,8 @@ def test_inputs_are_never_overwritten(trained, tmp_path):
     "extra, expected",
     [
         (["--config.predict.threshold=1.5"], "predict.threshold=1.5 is out of range"),
+        (["--config.predict.pixel_spacing_mm=0.5"], "give both (a voxel's three sides)"),
+        (["--config.predict.slice_thickness_mm=-1"], "slice_thickness_mm=-1.0 is out of range"),
         (["--config.log_every_steps=0"], "log_every_steps=0 is out of range"),
         (["--output=FILE"], "--output is a file, not a folder"),
         (["--input=MISSING"], "MISSING: no such file or folder (--input)"),
