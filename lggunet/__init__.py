@@ -83,17 +83,24 @@ def predict(
     threshold: float = 0.5,
     largest_connected_component: bool = False,
     scale: float | None = None,
+    volume_mean: np.ndarray | None = None,
+    volume_std: np.ndarray | None = None,
+    brain_stats: np.ndarray | None = None,
 ) -> np.ndarray:
     """Binary tumour masks for MRI slices.
 
     images: (N, H, W, 3) or one (H, W, 3) slice, channels pre-contrast, FLAIR, post-contrast;
-        uint8 in 0..255 as in the TIFFs, or float with `scale` saying what 255 is (scale=1 for
-        images in [0, 1]). Any H, W (resized to the model's input, masks mapped back). Pass
-        one patient's slices together: the model normalises with the volume's statistics.
+        uint8 in 0..255 as in the TIFFs, or float with `scale`, the factor that brings them
+        to 0..255 (scale=255 for images in [0, 1], scale=1 for floats already on 0..255).
+        Any H, W (resized to the model's input, masks mapped back). Pass one patient's
+        slices together: the model normalises with the volume's statistics.
     model: `load_model(...)`.
     threshold: p(tumour) above which a pixel is tumour, in (0, 1).
     largest_connected_component: keep only the largest 3D component (the slices taken as
         one volume in order).
+    volume_mean, volume_std ((3,) or (N, 3)), brain_stats ((6, 3) or (N, 6, 3)): the
+        patient's statistics for the per-patient normalisations, when `images` are not the
+        whole volume (see `lggunet.normalization`); by default those of `images`.
 
     Returns (N, H, W) (or (H, W)) uint8 in {0, 1}. Probabilities: `model(images)`, float32 in
     [0, 1]. Bad input (NaN, channels first, wrong dtype) raises an InputError saying why.
@@ -106,15 +113,25 @@ def predict(
         threshold=threshold,
         largest_connected_component=largest_connected_component,
         scale=scale,
+        volume_mean=volume_mean,
+        volume_std=volume_std,
+        brain_stats=brain_stats,
     )
 
 
 def volume_dice(true: np.ndarray, pred: np.ndarray) -> float:
-    """Dice of two binary volumes (any equal shapes; non-zero = tumour): 2|T&P| / (|T| + |P|),
-    1.0 when both are empty. The literature's per-volume Dice is this per patient."""
+    """Dice of two binary volumes (equal shapes; masks in {0, 1}, {0, 255} or bool):
+    2|T&P| / (|T| + |P|), 1.0 when both are empty. The literature's per-volume Dice is this
+    per patient. Probabilities are refused: threshold them first (`predict` does)."""
     from lggunet import volume_metrics
 
     true, pred = np.asarray(true), np.asarray(pred)
     if true.shape != pred.shape:
         raise ValueError(f"volume_dice: shapes differ, {true.shape} and {pred.shape}")
+    for name, mask in (("true", true), ("pred", pred)):
+        if len(np.unique(mask)) > 2 or (mask.dtype.kind == "f" and not np.isin(mask, (0, 1)).all()):
+            raise ValueError(
+                f"volume_dice: {name} is not a binary mask (values {np.unique(mask)[:4]}...); "
+                "threshold probabilities first, e.g. lggunet.predict"
+            )
     return volume_metrics.dice(true, pred)

@@ -128,6 +128,14 @@ def _predict() -> int:
         model = inference.load_pretrained()
         logging.info("No --workdir: predicting with the packaged model (docs/model_card.md)")
     settings = _predict_settings(model)
+    ignored = [
+        k for k in config_flags.get_override_values(FLAGS["config"]) if not k.startswith("predict.")
+    ]
+    if ignored:
+        logging.warning(
+            "--config.%s: not used by predict (the model's own training settings are)",
+            ", --config.".join(ignored),
+        )
     for member in model.members if isinstance(model, inference.Ensemble) else [model]:
         member.tta = settings.tta
     spacing = volume_files.Spacing(settings.pixel_spacing_mm, settings.slice_thickness_mm)
@@ -226,6 +234,13 @@ def packaged_config(value: str) -> str:
 def _check_config_file(value: str) -> None:
     """One line and exit 2 when `--config` names neither a file nor a packaged config."""
     path = value.partition(":")[0]
+    if os.path.isfile(path) and not path.endswith(".py"):
+        print(
+            f"error: --config={value}: not a Python config file (a .py file with get_config(), "
+            "like configs/unet.py)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if not os.path.isfile(path):
         names = sorted(
             p.stem for p in Path(lggunet.configs.__file__).parent.glob("*.py") if p.stem[0] != "_"
@@ -282,10 +297,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
         unknown = re.fullmatch(r"Unknown command line flag '(config\..+)'", message)
         _usage_error(f"--{unknown[1]}: the config has no such field" if unknown else message)
     except (AttributeError, KeyError) as e:  # an override naming no field of the config
-        key = str(e).strip("'\"").split("\\n")[0].split()[0].strip("'\"")
+        text = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'").splitlines()
+        key = text[0].strip("'\" ") if text else ""
         paths = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
         named = [x for x in paths if x.split(".")[-1] == key or f".{key}." in f"{x}."]
-        _usage_error(f"--{named[0] if named else 'config.' + key}: the config has no such field")
+        hint = " ".join(x.strip() for x in text[1:])
+        _usage_error(
+            f"--{named[0] if named else 'config.' + key}: the config has no such field"
+            + (f". {hint}" if hint else "")
+        )
     if len(rest) > 1:
         _usage_error(f"unexpected argument(s) {' '.join(rest[1:])!r}: flags are --name=value")
     return rest

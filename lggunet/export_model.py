@@ -6,10 +6,11 @@ python -m lggunet.export_model WORKDIR --training-data="49 patients of ..."
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from lggunet import inference, pretrained
-from lggunet.errors import ConfigError
+from lggunet.errors import ConfigError, LggUnetError
 
 
 def export(workdir: str | Path, directory: Path, training_data: str = "") -> Path:
@@ -28,10 +29,15 @@ def export(workdir: str | Path, directory: Path, training_data: str = "") -> Pat
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir")
-    parser.add_argument("--out", type=Path, default=pretrained.DIRECTORY)
+    parser.add_argument("--out", type=Path, required=True, help="e.g. lggunet/weights")
     parser.add_argument("--training-data", default="", help="what the run trained on")
     args = parser.parse_args(argv)
-    path = export(args.workdir, args.out, args.training_data)
+    try:
+        path = export(args.workdir, args.out, args.training_data)
+    except (LggUnetError, OSError) as e:
+        where = f"{e.filename}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+        print(f"error: {where}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {args.out / pretrained.RECORD}")
 
 

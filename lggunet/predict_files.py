@@ -149,13 +149,20 @@ class _Outputs:
         return out_dir / f"{stem}_pred_mask.tif", out_dir / f"{stem}_overlay.png"
 
     def truth(self, item: scans.InputFile, shape: tuple) -> np.ndarray | None:
+        """The slice's ground truth; None when it has none, or (a named failure) when it
+        cannot be used: the outline and the volume's Dice are then left out."""
         if item.mask_key is None:
             return None
+        reader, where = self.masks[item.mask_key]
         try:
-            truth = read_mask_bytes(self.masks[item.mask_key][0](), item.where)
-        except Exception:  # a broken ground truth only loses the green outline
+            truth = read_mask_bytes(reader(), where)
+        except Exception as e:
+            _fail(self.result, f"{e if isinstance(e, DataError) else f'{where}: {e!r}'}; no Dice")
             return None
-        return truth if truth.shape == shape else None
+        if truth.shape != shape:
+            _fail(self.result, f"{where}: mask is {truth.shape}, its image {shape}; no Dice")
+            return None
+        return truth
 
     def write_volume(self, loaded: list, preds: list) -> dict:
         """Writes each slice's mask and overlay; the volume's counts (slices written, with
@@ -189,12 +196,19 @@ class _Outputs:
             counts["voxels"] += int(pred.sum())
         return counts
 
-    def write_3d(self, folder: PurePosixPath, patient: str, loaded, preds, truths) -> None:
+    def unique_name(self, folder: PurePosixPath, name: str) -> str:
+        """The volume's name in volumes.csv and its files, made unique in its folder (a
+        folder of case X that also holds files of no case: X and X_volume2)."""
+        unique, n = name, 1
+        while (folder, unique) in self.volume_names:
+            n += 1
+            unique = f"{name}_volume{n}"
+        self.volume_names.add((folder, unique))
+        return unique
+
+    def write_3d(self, folder: PurePosixPath, stem: str, loaded, preds, truths) -> None:
         """The volume's NIfTI mask and montage; a failure names what could not be written."""
-        stem = patient
-        while (folder, stem) in self.volume_names:  # two volumes of one name in one folder
-            stem += "_2"
-        self.volume_names.add((folder, stem))
+        patient = stem
         out_dir = self.output / Path(*folder.parts)
         nifti, montage = (out_dir / f"{stem}_pred_mask.nii.gz", out_dir / f"{stem}_montage.png")
         numbers = [scans.slice_number(item.rel)[0] for item, _ in loaded]
@@ -212,6 +226,8 @@ class _Outputs:
                 self.result,
                 f"{walk.shown(e.filename or out_dir)}: cannot write ({e.strerror or e})",
             )
+        except Exception as e:  # nibabel refusing a header value: name it, go on
+            _fail(self.result, f"{out_dir / stem}: volume files not written ({e})")
 
 
 def predict_path(
@@ -233,12 +249,14 @@ def predict_path(
     result = PredictResult(images=len(images))
     for message in problems:
         _fail(result, message)
+    for where in scans.orphan_masks(images, masks):
+        _fail(result, f"{where}: a ground-truth mask without its image (a slice missing?)")
     outputs = _Outputs(output, images, masks, result, spacing)
     done = 0
-    for (folder, case), items in scans.volumes(images).items():
-        patient = case or (
-            folder.name if folder.parts else scans.root_name(Path(input_path).expanduser())
-        )
+    groups = scans.volumes(images)
+    for (folder, series), items in groups.items():
+        name = scans.volume_name(groups, folder, series, Path(input_path).expanduser())
+        patient = outputs.unique_name(folder, name)
         loaded = _load(items, result)
         done += len(items)
         if not loaded or not _one_size(patient, loaded, result):
@@ -248,21 +266,26 @@ def predict_path(
         counts = outputs.write_volume(loaded, preds)
         if not counts["slices"]:  # nothing of this volume written: no row to mislead
             continue
-        complete = counts["slices"] == len(items)
+        order = scans.order_problem(items)
+        complete = counts["slices"] == len(items) and not order
         if complete:
             outputs.write_3d(folder, patient, loaded, preds, counts["truths"])
+        elif order:
+            _fail(result, f"{patient}: {order}: no NIfTI volume, montage or Dice for it")
         else:
             _fail(
                 result,
                 f"{patient}: {len(items) - counts['slices']} of its {len(items)} slices could "
                 "not be predicted (above): no NIfTI volume, montage or Dice for it",
             )
+        volume_files.warn_partial(patient, len(items), counts["truths"])
         copied = kaggle3m.copied_channels(arrays)
         result.volumes.append(
             {
                 "patient": patient,
                 "folder": folder.as_posix(),
                 "slices": counts["slices"],
+                "missing_slices": len(items) - counts["slices"],
                 "slices_with_tumour": counts["tumour_slices"],
                 **volume_files.tumour_size(counts["voxels"], spacing),
                 **volume_files.truth_scores(preds, counts["truths"], complete, spacing),

@@ -21,7 +21,7 @@ from lggunet.errors import DataError
 
 _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
 _MASK = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
-_SLICE_NUMBER = re.compile(r"_(\d+)\.tiff?$", re.IGNORECASE)
+_SLICE_NUMBER = re.compile(r"(\d+)\D*\.tiff?$", re.IGNORECASE)  # the name's last number
 _OUR_MASK = re.compile(r"_pred_mask\.tif$")
 
 
@@ -118,20 +118,71 @@ def root_name(path: Path) -> str:
 
 
 def slice_number(rel: PurePosixPath) -> tuple[int, str]:
+    """(the slice's number: the last number in its name, -1 for none; the name), the sort key
+    of a volume's slices: `x_2.tif` before `x_10.tif`, `slice9.tif` before `slice10.tif`."""
     m = _SLICE_NUMBER.search(rel.name)
-    return (int(m.group(1)) if m else 0, rel.name)
+    return (int(m.group(1)) if m else -1, rel.name)
+
+
+def orphan_masks(images: list[InputFile], masks: dict) -> list[str]:
+    """The ground-truth masks whose image is not there (a slice lost), where each lies."""
+    used = {it.mask_key for it in images}
+    return sorted(where for key, (_, where) in masks.items() if key not in used)
+
+
+def order_problem(items: list[InputFile]) -> str:
+    """Why the volume's slice order is not known ("" when it is): a name without a number,
+    a number used twice, or numbers with a gap (a slice missing)."""
+    numbers = [slice_number(it.rel)[0] for it in items]
+    if len(items) == 1:
+        return ""
+    if -1 in numbers:
+        return f"{items[numbers.index(-1)].rel.name} has no slice number in its name"
+    seen: dict[int, str] = {}
+    for it, n in zip(items, numbers, strict=True):
+        if n in seen:
+            return f"slice number {n} is used twice ({seen[n]}, {it.rel.name})"
+        seen[n] = it.rel.name
+    missing = sorted(set(range(min(numbers), max(numbers) + 1)) - set(numbers))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        return f"slice(s) {shown} missing between {min(numbers)} and {max(numbers)}"
+    return ""
+
+
+_NUMBER_AT_END = re.compile(r"[\s_.-]*\d+\D*$")
+
+
+def series_name(rel: PurePosixPath) -> str:
+    """The volume a slice belongs to, from its name: the Kaggle case
+    (`TCGA_CS_4941_19960909` of `..._12.tif`), else the name less its last number (`scan` of
+    `scan_12.tif`, "" for `12.tif`)."""
+    match = slices.SLICE_NAME.match(rel.name)
+    if match:
+        return match["case"]
+    return _NUMBER_AT_END.sub("", _TIF.sub("", rel.name))
 
 
 def volumes(images: list[InputFile]) -> dict[tuple[PurePosixPath, str], list[InputFile]]:
-    """Images grouped into volumes (one folder, and one case when the names say so), each in
+    """Images grouped into volumes (one folder and one series name, `series_name`), each in
     slice order."""
     groups: dict[tuple[PurePosixPath, str], list[InputFile]] = {}
     for item in images:
-        match = slices.SLICE_NAME.match(item.rel.name)
-        groups.setdefault((item.rel.parent, match["case"] if match else ""), []).append(item)
+        groups.setdefault((item.rel.parent, series_name(item.rel)), []).append(item)
     for items in groups.values():
         items.sort(key=lambda it: slice_number(it.rel))
     return dict(sorted(groups.items()))
+
+
+def volume_name(groups: dict, folder: PurePosixPath, series: str, root: Path) -> str:
+    """A volume's name for people: its Kaggle case, else its folder's (or the input's) name
+    when it is the folder's only volume, else its series name."""
+    if slices.SLICE_NAME.match(f"{series}_1.tif"):
+        return series
+    alone = sum(1 for f, _ in groups if f == folder) == 1
+    if alone or not series:
+        return folder.name if folder.parts else root_name(root)
+    return series
 
 
 @dataclasses.dataclass
@@ -165,12 +216,18 @@ def read_patient(path: str | os.PathLike) -> Patient:
         raise DataError(problems[0] + more)
     groups = volumes(images)
     if len(groups) != 1:
-        names = ", ".join(case or folder.as_posix() or "." for folder, case in list(groups)[:4])
+        names = ", ".join(
+            case or (folder.as_posix() if folder.parts else "files without a case name")
+            for folder, case in list(groups)[:4]
+        ) + (", ..." if len(groups) > 4 else "")
         raise DataError(
-            f"{walk.shown(path)}: holds {len(groups)} volumes ({names}, ...): "
-            "give one patient's folder"
+            f"{walk.shown(path)}: holds {len(groups)} volumes ({names}): give one patient's folder"
         )
     (folder, case), items = next(iter(groups.items()))
+    problem = order_problem(items)
+    orphans = orphan_masks(images, masks)
+    if problem or orphans:
+        raise DataError(f"{walk.shown(path)}: " + (problem or f"{orphans[0]} has no image"))
     arrays = [slices.read_image(it.read(), it.where) for it in items]
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
@@ -195,7 +252,7 @@ def read_patient(path: str | os.PathLike) -> Patient:
                 for it in items
             ]
         )
-    name = case or (folder.name if folder.parts else root_name(Path(path).expanduser()))
+    name = volume_name(groups, folder, case, Path(path).expanduser())
     return Patient(
         name=name,
         images=np.stack(arrays),

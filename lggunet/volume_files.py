@@ -37,9 +37,11 @@ class Spacing:
             ("pixel_spacing_mm", self.pixel_mm),
             ("slice_thickness_mm", self.thickness_mm),
         ):
-            if not (isinstance(value, int | float) and np.isfinite(value) and value >= 0):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and np.isfinite(value) and (value == 0 or 0.01 <= value <= 100)):
                 raise ConfigError(
-                    f"predict.{name}={value!r}: must be a number of mm >= 0 (0: unknown)"
+                    f"predict.{name}={value!r}: must be a voxel side in mm, 0.01 to 100 "
+                    "(0: unknown)"
                 )
         if (self.pixel_mm > 0) != (self.thickness_mm > 0):
             raise ConfigError(
@@ -70,18 +72,21 @@ def tumour_size(voxels: int, spacing: Spacing) -> dict:
     mm3 = voxels * spacing.voxel_mm3
     return {
         "tumour_voxels": int(voxels),
-        "tumour_mm3": round(mm3, 3),
-        "tumour_ml": round(mm3 / 1000.0, 6),
+        "tumour_mm3": float(f"{mm3:.7g}"),  # significant digits: tiny voxels stay non-zero
+        "tumour_ml": float(f"{mm3 / 1000.0:.7g}"),
     }
 
 
 def affine(spacing: Spacing) -> np.ndarray:
-    """The NIfTI affine of `nifti_array`'s (x = column, y = row, z = slice) grid: a diagonal
-    of the voxel size (1 where unknown), origin at the first voxel."""
+    """The NIfTI (RAS+) affine of `nifti_array`'s (x = column, y = row, z = slice) grid, the
+    voxel size on its diagonal (1 where unknown), origin at the first voxel. The TIFFs record
+    no orientation; this assumes the radiological display of the Kaggle slices (image top =
+    anterior, image right = the patient's left), so x and y run towards the patient's left
+    and posterior (negative), and slice numbers towards superior (assumed)."""
     x, y, z = (
         (spacing.pixel_mm, spacing.pixel_mm, spacing.thickness_mm) if spacing.known else (1, 1, 1)
     )
-    return np.diag([float(x), float(y), float(z), 1.0])
+    return np.diag([-float(x), -float(y), float(z), 1.0])
 
 
 def nifti_array(masks: np.ndarray) -> np.ndarray:
@@ -180,6 +185,7 @@ CSV_FIELDS = [
     "patient",
     "folder",
     "slices",
+    "missing_slices",
     "slices_with_tumour",
     "tumour_voxels",
     "tumour_mm3",
@@ -234,6 +240,26 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomic(path, write)
+
+
+def warn_partial(patient: str, slices: int, truths: list) -> None:
+    """Warnings for a volume that predicts or scores otherwise than a whole labelled scan."""
+    labelled = sum(t is not None for t in truths)
+    if 0 < labelled < len(truths):
+        logging.warning(
+            "%s: %d of %d slices have a usable _mask.tif: no Dice (it needs every slice's)",
+            patient,
+            labelled,
+            len(truths),
+        )
+    if slices < 10:
+        logging.warning(
+            "%s: %d slice(s) only: the per-patient normalisation takes its statistics from "
+            "them, not from the whole scan; predict the patient's whole folder for masks as "
+            "the model was scored",
+            patient,
+            slices,
+        )
 
 
 def log_volume(patient: str, copied: str, slices_read: int, tumour: int, done, total) -> None:

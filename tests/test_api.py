@@ -88,3 +88,25 @@ def test_volume_dice_against_a_hand_computed_case():
     assert lggunet.volume_dice(np.zeros(3), np.zeros(3)) == 1.0
     with pytest.raises(ValueError, match="shapes differ"):
         lggunet.volume_dice(true, pred[:1])
+    assert lggunet.volume_dice(true * 255, pred.astype(bool)) == pytest.approx(2 * 4 / 12)
+    with pytest.raises(ValueError, match="threshold probabilities first"):
+        lggunet.volume_dice(true, pred * np.float32(0.7) + np.float32(0.1))
+
+
+def test_read_patient_orders_any_numbered_names_and_refuses_gaps(tmp_path):
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    images = {i: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(1, 12)}
+    for i, image in images.items():
+        tifffile.imwrite(folder / f"slice{i}.tif", image, photometric="rgb")
+    patient = lggunet.read_patient(folder)
+    assert patient.slice_numbers == list(range(1, 12))
+    np.testing.assert_array_equal(patient.images[9], images[10])
+    (folder / "slice5.tif").unlink()
+    with pytest.raises(DataError, match=r"slice\(s\) 5 missing between 1 and 11"):
+        lggunet.read_patient(folder)
+    tifffile.imwrite(folder / "slice05.tif", images[5], photometric="rgb")
+    tifffile.imwrite(folder / "slice005.tif", images[5], photometric="rgb")
+    with pytest.raises(DataError, match="slice number 5 is used twice"):
+        lggunet.read_patient(folder)

@@ -146,6 +146,9 @@ def test_spacing_gives_millimetres_millilitres_and_a_nifti_in_mm(trained, tmp_pa
     nifti = nib.load(out / f"{folder.name}_pred_mask.nii.gz")
     assert nifti.header.get_zooms() == (0.5, 0.5, 2.5)
     assert nifti.header.get_xyzt_units()[0] == "mm"
+    # Radiological display assumed: columns run to the patient's left, rows to posterior.
+    np.testing.assert_allclose(nifti.affine, np.diag([-0.5, -0.5, 2.5, 1.0]))
+    assert nib.aff2axcodes(nifti.affine) == ("L", "P", "S")
     np.testing.assert_array_equal(np.asarray(nifti.dataobj).transpose(2, 1, 0), preds)
     if preds.any():
         spacing = (2.5, 0.5, 0.5)
@@ -208,7 +211,7 @@ def test_bad_inputs_are_named_and_the_good_ones_still_written(trained, tmp_path)
         "(256x256 in 1, 200x180 in 1" in result.stderr
     )
     assert "TCGA_XX_0002_20000101: 2 of its 3 slices could not be predicted" in result.stderr
-    assert "4 input(s) failed" in result.stderr
+    assert "4 problem(s) above; 3 of 7 images were predicted and written" in result.stderr
     assert "3 of 7 images predicted for 2 patients" in result.stderr
     written = sorted(p.name for p in (out / folder.name).glob("*_pred_mask.tif"))
     assert written == ["TCGA_XX_0002_20000101_1_pred_mask.tif"]
@@ -357,7 +360,8 @@ def test_links_fifos_and_clashing_names_in_the_input(trained, tmp_path):
     assert f"{data / 'P3'}: a symlink out of {data}" in text
     assert f"{data / 'P1' / 'pipe.tif'}: a FIFO (named pipe), not a file; never opened" in text
     assert f"{data / 'P2'}: a symlink loop" in text  # P1 listed once, under its own name
-    assert len(result.failures) == 3
+    assert "x: slice number 12 is used twice (x_12.tif, x_12.tiff)" in text  # no volume
+    assert len(result.failures) == 4
 
 
 def test_inputs_are_never_overwritten(trained, tmp_path):
@@ -446,3 +450,51 @@ def test_zip_members_that_are_one_file_are_named(trained, tmp_path):
     ]
     assert len(result.failures) == 2
     assert all("(one output path); skipped" in f for f in result.failures)
+
+
+def test_slice_order_gaps_and_unusable_ground_truth_are_named(trained, tmp_path):
+    """Slices stack in the order of the last number in their names; a volume whose order is
+    not known (a gap, a number used twice) or whose truth cannot be used gets no NIfTI or
+    Dice, and each reason is named (exit 1); the per-slice masks are still written."""
+    rng = np.random.default_rng(5)
+
+    def image():
+        return rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+    data = tmp_path / "in"
+    plain = data / "P1"  # names without the Kaggle pattern: slice1.tif ... slice12.tif
+    plain.mkdir(parents=True)
+    for i in range(1, 13):
+        tifffile.imwrite(plain / f"slice{i}.tif", image(), photometric="rgb")
+    gap = data / "P2"
+    gap.mkdir()
+    for i in (1, 2, 4):
+        tifffile.imwrite(gap / f"P2_{i}.tif", image(), photometric="rgb")
+    tifffile.imwrite(gap / "P2_3_mask.tif", np.zeros((64, 64), np.uint8))  # its image lost
+    twice = data / "P3"
+    twice.mkdir()
+    tifffile.imwrite(twice / "a_1.tif", image(), photometric="rgb")
+    tifffile.imwrite(twice / "a_01.tif", image(), photometric="rgb")
+    odd_truth = data / "P4"
+    odd_truth.mkdir()
+    for i in (1, 2):
+        tifffile.imwrite(odd_truth / f"c_{i}.tif", image(), photometric="rgb")
+        tifffile.imwrite(odd_truth / f"c_{i}_mask.tif", np.zeros((32, 32), np.uint8))
+    out = tmp_path / "out"
+    result = predict_cli(trained, data, out)
+    assert result.returncode == 1, result.stderr[-3000:]
+    nifti = np.asarray(nib.load(out / "P1" / "P1_pred_mask.nii.gz").dataobj)
+    for k in range(12):  # slice1, slice2, ..., slice12: not slice1, slice10, slice11, ...
+        mask = tifffile.imread(out / "P1" / f"slice{k + 1}_pred_mask.tif") > 0
+        np.testing.assert_array_equal(nifti[:, :, k].T, mask)
+    err = result.stderr
+    assert "P2_3_mask.tif: a ground-truth mask without its image" in err
+    assert "P2: slice(s) 3 missing between 1 and 4: no NIfTI volume" in err
+    assert "P3: slice number 1 is used twice" in err
+    assert "c_1_mask.tif: mask is (32, 32), its image (64, 64); no Dice" in err
+    assert not (out / "P2" / "P2_pred_mask.nii.gz").exists()
+    assert (out / "P2" / "P2_4_pred_mask.tif").exists()
+    rows = {r["patient"]: r for r in read_csv(out / "volumes.csv")}
+    assert rows["P2"]["dice"] == rows["P4"]["dice"] == ""
+    assert rows["P2"]["missing_slices"] == "0"
+    assert "P1: 12 slice(s) only" not in err and "P2: 3 slice(s) only" in err

@@ -116,6 +116,17 @@ def test_export_round_trip_gives_the_same_probabilities(tmp_path):
     np.testing.assert_array_equal(original(images), copy(images))
 
 
+def test_export_errors_are_one_line_and_out_is_required(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        export_model.main([str(tmp_path / "nope"), "--out", str(tmp_path / "w")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0]
+    with pytest.raises(SystemExit):  # no --out: the packaged weights are never the default
+        export_model.main([str(tmp_path)])
+    assert not list(tmp_path.glob("w*"))
+
+
 def test_the_wheel_carries_the_weights(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
