@@ -185,7 +185,8 @@ def main(argv: list[str]) -> None:
                 raise ConfigError(
                     f"--{name}={walk.shown(value)}: the path holds a control character; rename it"
                 )
-        logging.info("Config: %s", config_flags.get_config_filename(FLAGS["config"]))
+        if _CONFIG_GIVEN:
+            logging.info("Config: %s", config_flags.get_config_filename(FLAGS["config"]))
         configuration.check(FLAGS.config)  # in every mode, before any work
         parallel.initialize(FLAGS.config)
         if not parallel.is_main_process():

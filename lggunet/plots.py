@@ -13,11 +13,18 @@ from matplotlib.figure import Figure
 from lggunet import files
 
 
+def figure(**kwargs) -> Figure:
+    """A matplotlib Figure with an Agg canvas (so layout and saving work), without pyplot."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl."""
     records = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
     epochs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(13, 3.6))
+    fig = figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in records], label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation")
@@ -43,7 +50,7 @@ def _contour_figure(images, masks, probs, titles, columns):
     n = len(images)
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    fig = Figure(figsize=(3 * columns, 3 * rows))
+    fig = figure(figsize=(3 * columns, 3 * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")

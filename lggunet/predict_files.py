@@ -55,11 +55,16 @@ class PredictResult:
 
     def summary(self, output: str | os.PathLike) -> str:
         """One line: what was found, what was written where, how many failed."""
+
+        def n(count: int, what: str) -> str:
+            return f"{count} {what}{'' if count == 1 else 's'}"
+
         return (
-            f"{self.masks_written} of {self.images} images predicted for {len(self.volumes)} "
-            f"patients: {self.masks_written} masks + {self.masks_written} overlays, "
-            f"{self.nifti_written} NIfTI volumes, {self.montages_written} montages and "
-            f"volumes.csv in {output}; {len(self.failures)} failures"
+            f"{self.masks_written} of {self.images} images predicted for "
+            f"{n(len(self.volumes), 'patient')}: {n(self.masks_written, 'mask')} + "
+            f"{n(self.masks_written, 'overlay')}, {n(self.nifti_written, 'NIfTI volume')}, "
+            f"{n(self.montages_written, 'montage')} and volumes.csv in {output}; "
+            f"{n(len(self.failures), 'failure')}"
         )
 
 

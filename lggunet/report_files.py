@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from lggunet import evaluator, files, plots, splits
 
@@ -45,7 +44,7 @@ def slice_grid(source, split, scores: dict, out_png: Path) -> Path | None:
 
 def box_plot(per_split_rows: dict[str, list[dict]], out_png: Path) -> Path:
     splits = [s for s in ORDER if per_split_rows.get(s)]
-    fig = Figure(figsize=(1.8 + 1.6 * len(splits), 3.6))
+    fig = plots.figure(figsize=(1.8 + 1.6 * len(splits), 3.6))
     ax = fig.subplots()
     data = [[r["dice"] for r in per_split_rows[s]] for s in splits]
     ax.boxplot(data, showmeans=True)
@@ -225,7 +224,7 @@ def cv_plot(rows: list[dict], out_png: Path, miss: float) -> None:
     for r in rows:
         by_inst.setdefault(splits.institution_of(r["patient"]), []).append(float(r["dice"]))
     names = sorted(by_inst)
-    fig = Figure(figsize=(1.8 + 1.2 * len(names), 3.6))
+    fig = plots.figure(figsize=(1.8 + 1.2 * len(names), 3.6))
     ax = fig.subplots()
     ax.boxplot([by_inst[n] for n in names], showmeans=True)
     for i, n in enumerate(names, 1):

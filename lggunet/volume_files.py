@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import ndimage
 
-from lggunet import files, volume_metrics
+from lggunet import files, plots, volume_metrics
 from lggunet.errors import ConfigError
 
 MONTAGE_MAX_SLICES = 30
@@ -157,7 +156,7 @@ def write_montage(
     )
     cols = min(6, len(chosen))
     rows = -(-len(chosen) // cols)
-    fig = Figure(figsize=(2.2 * cols, 2.2 * rows + 0.8))
+    fig = plots.figure(figsize=(2.2 * cols, 2.5 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -176,8 +175,9 @@ def write_montage(
     legend = [Line2D([], [], color="red", label="predicted")]
     if has_truth:
         legend.append(Line2D([], [], color="lime", label="ground truth"))
-    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.legend(
+        handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False
+    )
     files.write_atomic(path, lambda p: fig.savefig(p, dpi=80, format="png"))
 
 

@@ -79,7 +79,7 @@ def test_predict_with_no_workdir_and_no_config_uses_the_packaged_model(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "predicting with the packaged model" in result.stderr
     assert "tta=True" in result.stderr  # the recipe's own predict setting
-    assert "3 of 3 images predicted for 1 patients" in result.stderr
+    assert "3 of 3 images predicted for 1 patient:" in result.stderr
     masks = sorted(out.glob("*_pred_mask.tif"))
     assert len(masks) == 3
     model = lggunet.load_model("pretrained")
