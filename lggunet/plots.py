@@ -20,7 +20,10 @@ def figure(**kwargs) -> Figure:
     return fig
 
 
-def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+LOSS_TITLES = {"dice": "loss (-Dice, smooth=100)", "bce_dice": "loss (BCE - Dice, smooth=100)"}
+
+
+def training_curves(metrics_jsonl: str | Path, out_png: str | Path, loss: str = "dice") -> Path:
     """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl."""
     records = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
     epochs = [r["epoch"] for r in records]
@@ -28,7 +31,7 @@ def training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in records], label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation")
-    axes[0].set_title("loss (-Dice, smooth=100)")
+    axes[0].set_title(LOSS_TITLES.get(loss, f"loss ({loss})"))
     axes[1].plot(epochs, [r["train_dice"] for r in records], label="train Dice (notebook)")
     axes[1].plot(epochs, [r["val_dice"] for r in records], label="val Dice (notebook)")
     axes[1].plot(epochs, [r["val_volume_dice"] for r in records], label="val per-volume Dice")

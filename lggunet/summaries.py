@@ -85,7 +85,8 @@ def draw_final(predict_fn, state, feed, mesh, workdir: Path, count: int) -> None
         predict_fn, state, feed.sources[shown], feed.tumour_area[shown], mesh, count or 8
     )
     if parallel.is_main_process():
-        plots.training_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        curves = workdir / "curves.png"
+        plots.training_curves(workdir / "metrics.jsonl", curves, feed.config.loss)
         grid = workdir / f"{shown}_predictions.png"
         plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
         logging.info("Wrote %s and %s", workdir / "curves.png", grid)
