@@ -131,21 +131,6 @@ def check(config: ml_collections.ConfigDict) -> None:
     _check_split(config.data)
     _check_devices(config)
     _check_training(config)
-    _check_spacing(config.predict)
-
-
-def _check_spacing(predict: ml_collections.ConfigDict) -> None:
-    pixel, thickness = predict.pixel_spacing_mm, predict.slice_thickness_mm
-    for name, value in (("pixel_spacing_mm", pixel), ("slice_thickness_mm", thickness)):
-        if 0 < value < 0.01:  # metres or cm typed as mm: no MRI voxel is that small
-            raise ConfigError(
-                f"predict.{name}={value}: below 0.01 mm; give the spacing in millimetres"
-            )
-    if (pixel > 0) != (thickness > 0):
-        raise ConfigError(
-            f"predict.pixel_spacing_mm={pixel}, predict.slice_thickness_mm={thickness}: give "
-            "both (a voxel's three sides) or neither (0: unknown)"
-        )
 
 
 def _check_split(data: ml_collections.ConfigDict) -> None:

@@ -240,6 +240,12 @@ def model_from_config(
     """The best checkpoint in `checkpoints` as the model `config` describes; `tta` None =
     `config.predict.tta`."""
     variables, meta = restore_variables(config, checkpoints)
+    return _model(config, variables, meta["checkpoint_step"], meta, tta)
+
+
+def _model(config, variables: dict, step, record: dict, tta: bool | None) -> Model:
+    """`Model` of `config`'s network and preprocessing with these weights; `tta` None =
+    `config.predict.tta`."""
     return Model(
         module=models.create(config),
         variables=variables,
@@ -247,8 +253,8 @@ def model_from_config(
         normalize=config.data.normalize,
         tta=config.predict.tta if tta is None else tta,
         batch_size=max(1, min(config.eval_batch_size, 32)),
-        step=meta["checkpoint_step"],
-        record=meta,
+        step=step,
+        record=record,
         config=config,
     )
 
@@ -259,17 +265,7 @@ def load_pretrained(*, tta: bool | None = None) -> Model:
     from lggunet import pretrained
 
     config, variables, record = pretrained.read()
-    return Model(
-        module=models.create(config),
-        variables=variables,
-        image_size=config.data.image_size,
-        normalize=config.data.normalize,
-        tta=config.predict.tta if tta is None else tta,
-        batch_size=max(1, min(config.eval_batch_size, 32)),
-        step=record.get("step"),
-        record=record,
-        config=config,
-    )
+    return _model(config, variables, record.get("step"), record, tta)
 
 
 def load_ensemble(workdir: str | Path, *, tta: bool | None = None) -> Ensemble:

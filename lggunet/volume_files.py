@@ -44,8 +44,8 @@ class Spacing:
                 )
         if (self.pixel_mm > 0) != (self.thickness_mm > 0):
             raise ConfigError(
-                "predict.pixel_spacing_mm and predict.slice_thickness_mm: give both (a voxel "
-                f"needs all three sides), got {self.pixel_mm} and {self.thickness_mm}"
+                f"predict.pixel_spacing_mm={self.pixel_mm}, predict.slice_thickness_mm="
+                f"{self.thickness_mm}: give both (a voxel's three sides) or neither (0: unknown)"
             )
 
     @property
