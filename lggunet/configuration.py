@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 3  # `config_version` of configs written by this lggunet
+VERSION = 4  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -47,8 +47,11 @@ ADDED = {
     "compilation_cache_dir": (2, ""),
     "predict.pixel_spacing_mm": (3, 0.0),
     "predict.slice_thickness_mm": (3, 0.0),
+    "lr_schedule": (4, "plateau"),
+    "warmup_epochs": (4, 0.0),
 }
 DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 # field -> (lowest, highest, whether the bounds themselves are allowed): numbers outside
@@ -57,6 +60,7 @@ RANGES = {
     "seed": (0, 2**31 - 1, True),
     "num_epochs": (1, 100_000, True),
     "learning_rate": (0, 10, False),
+    "warmup_epochs": (0, 100_000, True),
     "log_every_steps": (1, None, True),
     "summary_images": (0, 64, True),
     "summary_every_epochs": (1, None, True),
@@ -178,6 +182,12 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dtype={config.dtype!r}: use one of {list(DTYPES)}")
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
+    if config.warmup_epochs >= config.num_epochs:
+        raise ConfigError(
+            f"warmup_epochs={config.warmup_epochs} must be below num_epochs={config.num_epochs}"
+        )
     if config.data.normalize not in NORMALIZATIONS:
         raise ConfigError(
             f"data.normalize={config.data.normalize!r}: choose one of {list(NORMALIZATIONS)}"
@@ -298,5 +308,6 @@ def describe(config: ml_collections.ConfigDict) -> str:
         f"Recipe: {config.data.image_size}x{config.data.image_size} input, loss {config.loss}, "
         f"normalize {config.data.normalize}, augment {augment}, Adam {config.learning_rate:g}, "
         f"batch {config.batch_size}, {config.num_epochs} epochs"
+        + (", cosine learning rate" if config.lr_schedule == "cosine" else "")
         + (f", tumour slices x{oversample:g}" if oversample > 1 else "")
     )

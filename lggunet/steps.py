@@ -86,17 +86,21 @@ def learning_rate(state: TrainState) -> float:
 def step_plateau(
     state: TrainState, val_loss: float, config: ml_collections.ConfigDict
 ) -> TrainState:
-    """Feeds one epoch's validation loss to the plateau schedule and sets Adam's rate."""
+    """Feeds one epoch's validation loss to the plateau schedule and sets Adam's rate (with
+    `lr_schedule="cosine"`, the state unchanged: the train step sets the rate)."""
+    if config.lr_schedule != "plateau":
+        return state
     _, plateau = plateau_schedule(config).update(
         updates={}, state=state.plateau, value=jnp.asarray(val_loss, jnp.float32)
     )
+    return with_learning_rate(state.replace(plateau=plateau), config.learning_rate * plateau.scale)
+
+
+def with_learning_rate(state: TrainState, rate: jax.Array) -> TrainState:
+    """`state` with Adam's rate set to `rate` (the rate of its next update)."""
     hyperparams = dict(state.opt_state.hyperparams)
-    hyperparams["learning_rate"] = jnp.asarray(
-        config.learning_rate * plateau.scale, hyperparams["learning_rate"].dtype
-    )
-    return state.replace(
-        plateau=plateau, opt_state=state.opt_state._replace(hyperparams=hyperparams)
-    )
+    hyperparams["learning_rate"] = jnp.asarray(rate, hyperparams["learning_rate"].dtype)
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 
 def normalized(batch: Batch, normalize: str) -> jax.Array:
@@ -164,16 +168,48 @@ class StepOptions:
     normalize: str = "scale"
     augment: augment_lib.AugmentParams | None = None  # None: no augmentation
     tta: bool = False  # evaluation: average with the horizontally flipped prediction
+    cosine: CosineSchedule | None = None  # training: the rate per step (None: plateau's)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, tta: bool = False) -> StepOptions:
+    def from_config(
+        cls, config: ml_collections.ConfigDict, tta: bool = False, steps_per_epoch: int = 0
+    ) -> StepOptions:
+        """`steps_per_epoch` sizes the cosine schedule (needed only to train with one)."""
+        cosine = None
+        if config.lr_schedule == "cosine" and steps_per_epoch:
+            cosine = CosineSchedule(
+                peak=config.learning_rate,
+                warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                total_steps=config.num_epochs * steps_per_epoch,
+            )
         return cls(
             loss=config.loss,
             image_size=config.data.image_size,
             normalize=config.data.normalize,
             augment=augment_params(config),
             tta=tta,
+            cosine=cosine,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at
+    `total_steps`: rate(step) for the update that step `step` (0-based) makes."""
+
+    peak: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warmup = jnp.maximum(self.warmup_steps, 1)
+        decay = jnp.maximum(self.total_steps - self.warmup_steps, 1)
+        progress = jnp.clip((step - self.warmup_steps) / decay, 0.0, 1.0)
+        cosine = 0.5 * self.peak * (1.0 + jnp.cos(jnp.pi * progress))
+        if self.warmup_steps == 0:
+            return cosine
+        return jnp.where(step < self.warmup_steps, self.peak * (step + 1) / warmup, cosine)
 
 
 def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
@@ -221,6 +257,8 @@ def train_step(
         return loss_fn(logits, masks, weights), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    if options.cosine is not None:
+        state = with_learning_rate(state, options.cosine(state.step))
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
     return state, _batch_metrics(loss, masks, jax.nn.sigmoid(logits), weights)
 
@@ -293,13 +331,18 @@ class CompiledSteps:
     plateau: Any
 
 
-def compile_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> CompiledSteps:
+def compile_steps(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int = 0
+) -> CompiledSteps:
     """The run's steps, jit-compiled over `mesh` (on first use); with
-    `config.compilation_cache_dir` set, jax keeps the compiled code there for the next run."""
+    `config.compilation_cache_dir` set, jax keeps the compiled code there for the next run.
+    Training with `lr_schedule="cosine"` needs `steps_per_epoch`."""
+    if config.lr_schedule == "cosine" and steps_per_epoch <= 0:
+        raise ValueError("lr_schedule='cosine' needs the run's steps_per_epoch")
     if config.compilation_cache_dir:
         cache = os.path.expanduser(config.compilation_cache_dir)
         jax.config.update("jax_compilation_cache_dir", cache)
-    options = StepOptions.from_config(config)
+    options = StepOptions.from_config(config, steps_per_epoch=steps_per_epoch)
     replicated = parallel.replicated(mesh)
 
     def train_fn(state, batch, rng):

@@ -187,18 +187,19 @@ def _set_up(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log("U-Net: %d parameters (%.2fM)", num_params, num_params / 1e6)
     _log("%s", configuration.describe(config))
+    steps_per_epoch = len(feed.train_plan(1))
     return _Run(
         config=config,
         workdir=workdir,
         feed=feed,
         mesh=mesh,
-        steps=compile_steps(config, mesh),
+        steps=compile_steps(config, mesh, steps_per_epoch),
         store=CheckpointStore(workdir / "checkpoints"),
         writer=summaries.SummaryWriter(workdir / "tensorboard"),
         state=state,
         step_rng=step_rng,
         early=EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta),
-        steps_per_epoch=len(feed.train_plan(1)),
+        steps_per_epoch=steps_per_epoch,
     )
 
 

@@ -116,12 +116,15 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
     """'field: saved -> new' for every field outside FREE_FIELDS that differs (fields the
     saved config lacks, from an older lggunet, are not compared)."""
     before, now = _flat(saved), _flat(_as_json(config))
+    free = FREE_FIELDS
+    if now.get("lr_schedule") == "cosine":  # the cosine schedule's length is num_epochs
+        free = tuple(f for f in FREE_FIELDS if f != "num_epochs")
     return [
         f"{key}: {before[key]!r} -> {value!r}"
         for key, value in sorted(now.items())
         if key in before
         and before[key] != value
-        and not any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_FIELDS)
+        and not any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
     ]
 
 

@@ -66,3 +66,18 @@ def test_every_ranged_field_refuses_values_outside_its_range(field):
     _set(config, field, float("nan"))
     with pytest.raises(configuration.ConfigError, match=f"{field}=nan must be a number"):
         configuration.check(config)
+
+
+def test_learning_rate_schedule_fields_are_checked():
+    config = unet.get_config()
+    config.lr_schedule = "linear"
+    with pytest.raises(configuration.ConfigError, match="lr_schedule='linear': use one of"):
+        configuration.check(config)
+    config = unet.get_config()
+    config.lr_schedule = "cosine"
+    config.num_epochs = 3
+    config.warmup_epochs = 3.0
+    with pytest.raises(configuration.ConfigError, match="warmup_epochs=3.0 must be below"):
+        configuration.check(config)
+    config.warmup_epochs = 0.5
+    configuration.check(config)

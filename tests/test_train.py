@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lggunet import steps, train
+from lggunet import parallel, steps, train
 from lggunet.configs import demo
 
 
@@ -85,3 +85,59 @@ def test_plateau_rate_reaches_adam():
     # Adam's first step moves every weight by -lr * g / (|g| + eps) = -lr.
     for d in jax.tree.leaves(delta):
         np.testing.assert_allclose(d, -5e-4, rtol=1e-3)
+
+
+def _cosine_reference(step, peak, warmup, total):
+    """The schedule written out with NumPy: linear warm-up to `peak`, then half a cosine."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + np.cos(np.pi * min((step - warmup) / (total - warmup), 1.0)))
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_cosine_schedule_matches_its_formula(warmup):
+    schedule = steps.CosineSchedule(peak=2e-3, warmup_steps=warmup, total_steps=20)
+    for step in range(25):
+        want = _cosine_reference(step, 2e-3, warmup, 20)
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+    # Hand-computed points: the peak after warm-up, half of it halfway through the decay.
+    assert float(schedule(warmup)) == pytest.approx(2e-3)
+    assert float(schedule(warmup + (20 - warmup) // 2)) == pytest.approx(1e-3, rel=1e-5)
+    assert float(schedule(20)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_run_sets_the_rate_each_step_and_ignores_the_plateau(tiny_config, tmp_path):
+    config = tiny_config
+    config.data.phantom = True
+    config.num_epochs = 3
+    config.learning_rate = 1e-3
+    config.lr_schedule = "cosine"
+    config.warmup_epochs = 1.0
+    config.plateau.patience = 0  # would halve the rate after every epoch under "plateau"
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    records = read_jsonl(workdir / "metrics.jsonl")
+    per_epoch = records[0]["step"]
+    assert [r["step"] for r in records] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    for r in records:  # the rate of each epoch's last update (step r["step"] - 1)
+        want = _cosine_reference(r["step"] - 1, 1e-3, per_epoch, 3 * per_epoch)
+        assert r["learning_rate"] == pytest.approx(want, rel=1e-5, abs=1e-10)
+    assert records[0]["learning_rate"] == pytest.approx(1e-3)  # end of warm-up: the peak
+    assert records[-1]["learning_rate"] < 1e-3 * 0.05
+
+
+def test_step_plateau_leaves_a_cosine_run_alone():
+    config = demo.get_config()
+    config.lr_schedule = "cosine"
+    config.plateau.patience = 0
+    state = steps.create_train_state(config, jax.random.key(0))
+    after = steps.step_plateau(state, 5.0, config)
+    assert after is state
+
+
+def test_cosine_needs_the_epoch_length_to_train():
+    config = demo.get_config()
+    config.lr_schedule = "cosine"
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        steps.compile_steps(config, parallel.data_mesh())
+    assert steps.StepOptions.from_config(config).cosine is None  # evaluation needs none

@@ -205,3 +205,17 @@ def test_evaluate_on_one_new_patient_and_a_workdir_inside_checkpoints(
     for inside in (workdir / "checkpoints", workdir / "checkpoints" / "x"):
         with pytest.raises(ConfigError, match="is inside the checkpoints of the run"):
             train.train_and_evaluate(tiny_config, str(inside))
+
+
+def test_a_cosine_run_may_not_change_its_length_on_resume():
+    from lggunet.configs import cpu
+
+    saved = json.loads(cpu.get_config().to_json_best_effort())
+    longer = cpu.get_config()
+    longer.num_epochs += 5
+    assert workdirs.config_differences(saved, longer) == []  # plateau: more epochs resume
+    saved["lr_schedule"] = "cosine"
+    longer.lr_schedule = "cosine"
+    assert workdirs.config_differences(saved, longer) == [
+        f"num_epochs: {saved['num_epochs']} -> {longer.num_epochs}"
+    ]

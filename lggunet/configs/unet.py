@@ -12,12 +12,17 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 3  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 4  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
     config.num_epochs = 100
     config.learning_rate = 1e-4
+    # "plateau": the rate stays at learning_rate until the plateau schedule below halves it
+    # (Keras). "cosine": linear warm-up from 0 over `warmup_epochs`, then cosine decay to 0 at
+    # the last step (per step, inside the train step); the plateau fields are then unused.
+    config.lr_schedule = "plateau"
+    config.warmup_epochs = 0.0
     config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
     config.dtype = "float32"  # or "bfloat16": compute dtype; parameters, optimizer, loss stay f32
     config.log_every_steps = 50
