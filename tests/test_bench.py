@@ -107,3 +107,30 @@ def test_device_check_smoke_prints_every_figure(tmp_path):
     assert (tmp_path / "device_check.jsonl").read_text().count("\n") == len(lines)
     syntax = subprocess.run(["bash", "-n", "bench/device_check.sh"], cwd=REPO)
     assert syntax.returncode == 0
+
+
+def _write_cv(folder, scores, folds=None):
+    folder.mkdir()
+    columns = ("dice", "dice_tta", "dice_lcc", "dice_tta_lcc")
+    lines = ["patient,fold," + ",".join(columns)]
+    for i, (patient, score) in enumerate(scores.items()):
+        fold = (folds or {}).get(patient, i % 2)
+        lines.append(f"{patient},{fold}," + ",".join(str(score) for _ in columns))
+    (folder / "cv_patients.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_compare_cv_pairs_patients_and_refuses_other_folds(tmp_path):
+    a = {"P1": 0.5, "P2": 0.8, "P3": 0.05}
+    b = {"P1": 0.7, "P2": 0.7, "P3": 0.65}
+    _write_cv(tmp_path / "a", a)
+    _write_cv(tmp_path / "b", b)
+    cmd = [sys.executable, "bench/compare_cv.py", str(tmp_path / "a"), str(tmp_path / "b")]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| plain |"))
+    # Hand-computed: means 0.45 and 0.6833, paired difference (0.2 - 0.1 + 0.6) / 3.
+    assert "| 0.4500 | 0.6833 | +0.2333 (" in row
+    assert row.endswith("| 2 / 1 | 0.7000 | 0 |")
+    _write_cv(tmp_path / "c", b, folds={"P1": 1})
+    cmd[-1] = str(tmp_path / "c")
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "different folds: ['P1']" in refused.stderr
