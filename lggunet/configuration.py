@@ -184,6 +184,11 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("num_epochs and learning_rate must be positive")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
+    if config.warmup_epochs and config.lr_schedule != "cosine":
+        raise ConfigError(
+            f"warmup_epochs={config.warmup_epochs} works with lr_schedule='cosine' only "
+            f"(lr_schedule={config.lr_schedule!r})"
+        )
     if config.warmup_epochs >= config.num_epochs:
         raise ConfigError(
             f"warmup_epochs={config.warmup_epochs} must be below num_epochs={config.num_epochs}"
