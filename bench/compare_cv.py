@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import bootstrap_ci
 
 VARIANTS = {"plain": "dice", "TTA": "dice_tta", "LCC": "dice_lcc", "TTA + LCC": "dice_tta_lcc"}
 
@@ -26,13 +27,6 @@ def read(workdir: Path) -> dict[str, dict[str, str]]:
         sys.exit(f"{path}: not found (is {workdir} a finished cross-validation?)")
     with open(path) as f:
         return {row["patient"]: row for row in csv.DictReader(f)}
-
-
-def bootstrap_ci(diffs: np.ndarray, seed: int = 0, n: int = 10_000) -> tuple[float, float]:
-    """The 2.5 and 97.5 percentiles of the mean of `diffs` resampled over patients."""
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), (n, len(diffs)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main() -> None:

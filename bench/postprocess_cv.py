@@ -19,6 +19,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from common import bootstrap_ci
 from scipy import ndimage
 
 import lggunet
@@ -34,12 +35,6 @@ def drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[labels].astype(np.uint8)
-
-
-def bootstrap_ci(diffs: np.ndarray, seed: int = 0, n: int = 10_000) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), (n, len(diffs)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main() -> None:
