@@ -6,7 +6,7 @@ of each variant, and the paired difference against "as is" at p > 0.5 with a boo
 over patients.
 
     python bench/postprocess_cv.py --cv=runs/cv --data=DIR_OF_KAGGLE_3M [--sizes=50,200,500]
-        [--thresholds=0.3,0.4,0.5]
+        [--thresholds=0.3,0.4,0.5] [--checkpoint=last]
 
 No training; reads cv_patients.csv for each patient's fold. CPU: about 2-4 minutes for 49
 patients at 128x128.
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--sizes", default="50,100,200,500,1000")
     parser.add_argument("--thresholds", default="0.5")
+    parser.add_argument("--checkpoint", default="best", help="each fold's 'best' or 'last'")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     thresholds = [float(x) for x in args.thresholds.split(",")]
@@ -56,7 +57,9 @@ def main() -> None:
     for row in rows:
         fold = int(row["fold"])
         if fold not in models:
-            models[fold] = lggunet.load_model(workdirs.fold_workdir(args.cv, fold), tta=True)
+            models[fold] = lggunet.load_model(
+                workdirs.fold_workdir(args.cv, fold), tta=True, checkpoint=args.checkpoint
+            )
         patient = lggunet.read_patient(folders[row["patient"]])
         probs = models[fold](patient.images)
         truth = patient.masks
@@ -69,7 +72,10 @@ def main() -> None:
                 variants.setdefault(name, []).append(lggunet.volume_dice(truth, mask))
         print(f"{row['patient']}: fold {fold}, as is {variants['as is'][-1]:.3f}", flush=True)
     base = np.asarray(variants["as is"])
-    print(f"\n{len(base)} patients, each by the fold model that never saw it (flip TTA)")
+    print(
+        f"\n{len(base)} patients, each by the fold model that never saw it (flip TTA, "
+        f"{args.checkpoint} checkpoint)"
+    )
     print("| variant | mean | median | missed (< 0.1) | minus 'as is' (95% CI) | better / worse |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, values in variants.items():

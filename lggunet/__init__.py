@@ -53,17 +53,21 @@ def __getattr__(name: str) -> Any:
     return loaded if attribute is None else getattr(loaded, attribute)
 
 
-def load_model(path: str = "pretrained", *, tta: bool | None = None) -> Model | Ensemble:
+def load_model(
+    path: str = "pretrained", *, tta: bool | None = None, checkpoint: str | int = "best"
+) -> Model | Ensemble:
     """A trained model with the preprocessing it was trained with.
 
     `path`: "pretrained" (the model inside the package, docs/model_card.md), a training
     run's workdir (its best checkpoint), or a cross-validation workdir (its fold models
     averaged). `tta`: also average with the horizontally flipped slices; None = the run's
-    own `predict.tta` (on for the packaged model). Reads only the weights.
+    own `predict.tta` (on for the packaged model). `checkpoint`: "best" (lowest validation
+    loss), "last" (the newest), or a step number of a run's kept checkpoints (a run keeps the
+    best and the last). Reads only the weights.
     """
     from lggunet import inference
 
-    return inference.load_model(path, tta=tta)
+    return inference.load_model(path, tta=tta, checkpoint=checkpoint)
 
 
 def read_patient(folder: str) -> Patient:

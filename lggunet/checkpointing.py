@@ -215,11 +215,16 @@ class CheckpointStore:
             self._best_first(), lambda step: self.restore(step, template)
         )
 
-    def restore_best_weights(self, abstract: dict) -> tuple[dict, dict]:
-        """`restore_weights` of the best checkpoint, or of the next readable one (warned)."""
-        return self._restore_first_good(
-            self._best_first(), lambda step: self.restore_weights(step, abstract)
-        )
+    def restore_chosen_weights(self, checkpoint: str | int, abstract: dict) -> tuple[dict, dict]:
+        """`restore_weights` of `checkpoint`: "best" (lowest val_loss), "last" (the newest),
+        each falling back to the next readable one (warned), or a step number (that one)."""
+        if checkpoint == "best":
+            order = self._best_first()
+        elif checkpoint == "last":
+            order = sorted(self.manager.all_steps(), reverse=True)
+        else:
+            order = [checkpoint]
+        return self._restore_first_good(order, lambda step: self.restore_weights(step, abstract))
 
     def wait(self) -> None:
         """Waits for the save in flight, if any; a CheckpointError if it failed."""

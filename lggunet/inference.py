@@ -45,6 +45,8 @@ __all__ = [
     "restore_variables",
 ]
 
+CHECKPOINTS = ("best", "last")  # the named checkpoints a run keeps (besides step numbers)
+
 
 @functools.partial(jax.jit, static_argnames=("image_size", "normalize", "tta"))
 def _probabilities(weights, images, mean, std, brain, *, image_size, normalize, tta):
@@ -211,18 +213,37 @@ def predict(
     return largest_component(masks) if largest_connected_component else masks
 
 
+def check_checkpoint(checkpoint: str | int) -> str | int:
+    """`checkpoint` if it names one ("best", "last" or a step number >= 0); else ConfigError."""
+    named = isinstance(checkpoint, str) and checkpoint in CHECKPOINTS
+    step = isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 0
+    if not (named or step):
+        raise ConfigError(
+            f"checkpoint={checkpoint!r}: use 'best' (lowest validation loss), 'last' or a step "
+            "number"
+        )
+    return checkpoint
+
+
 def restore_variables(
-    config: ml_collections.ConfigDict, checkpoints: Path
+    config: ml_collections.ConfigDict, checkpoints: Path, checkpoint: str | int = "best"
 ) -> tuple[dict[str, Any], dict]:
-    """({"params"[, "batch_stats"]}, the checkpoint's record) of the best checkpoint (or the
-    next readable one): only the weights are read, not the optimizer's state."""
+    """({"params"[, "batch_stats"]}, the checkpoint's record) of `checkpoint` ("best": the
+    lowest validation loss, "last": the newest, each else the next readable one; or a step
+    number): only the weights are read, not the optimizer's state."""
+    checkpoint = check_checkpoint(checkpoint)
     abstract = models.abstract_variables(config)
     store = CheckpointStore(checkpoints)
     try:
         if store.latest_step() is None:
             raise ConfigError(f"{checkpoints}: no complete checkpoint to load")
+        if isinstance(checkpoint, int) and checkpoint not in store.steps():
+            raise ConfigError(
+                f"{checkpoints}: no checkpoint at step {checkpoint}; it keeps steps "
+                f"{store.steps()} (the best and the last)"
+            )
         try:
-            variables, meta = store.restore_best_weights(abstract)
+            variables, meta = store.restore_chosen_weights(checkpoint, abstract)
         except Exception as e:  # another model's checkpoints, or only damaged ones
             raise ConfigError(
                 f"{checkpoints}: no checkpoint can be read as the config's model "
@@ -235,11 +256,14 @@ def restore_variables(
 
 
 def model_from_config(
-    config: ml_collections.ConfigDict, checkpoints: Path, tta: bool | None = None
+    config: ml_collections.ConfigDict,
+    checkpoints: Path,
+    tta: bool | None = None,
+    checkpoint: str | int = "best",
 ) -> Model:
-    """The best checkpoint in `checkpoints` as the model `config` describes; `tta` None =
-    `config.predict.tta`."""
-    variables, meta = restore_variables(config, checkpoints)
+    """`checkpoint` (default the best) in `checkpoints` as the model `config` describes; `tta`
+    None = `config.predict.tta`."""
+    variables, meta = restore_variables(config, checkpoints, checkpoint)
     return _model(config, variables, meta["checkpoint_step"], meta, tta)
 
 
@@ -268,8 +292,15 @@ def load_pretrained(*, tta: bool | None = None) -> Model:
     return _model(config, variables, record.get("step"), record, tta)
 
 
-def load_ensemble(workdir: str | Path, *, tta: bool | None = None) -> Ensemble:
-    """Every fold model of a cross-validation workdir, averaged; all folds must be trained."""
+def load_ensemble(
+    workdir: str | Path, *, tta: bool | None = None, checkpoint: str = "best"
+) -> Ensemble:
+    """Every fold model of a cross-validation workdir, averaged; all folds must be trained.
+    `checkpoint`: each fold's "best" or "last"."""
+    if checkpoint not in CHECKPOINTS:
+        raise ConfigError(
+            f"checkpoint={checkpoint!r}: an ensemble takes 'best' or 'last' of each fold"
+        )
     workdir = Path(workdir).expanduser()
     folds = workdirs.cv_folds_of(workdir)
     members = []
@@ -280,11 +311,13 @@ def load_ensemble(workdir: str | Path, *, tta: bool | None = None) -> Ensemble:
                 f"{fold_dir}: fold {k} of {folds} has no checkpoints yet; finish the "
                 f"cross-validation (rerun its training command) or load one fold's folder"
             )
-        members.append(load_model(fold_dir, tta=tta))
+        members.append(load_model(fold_dir, tta=tta, checkpoint=checkpoint))
     return Ensemble(members)
 
 
-def load_model(path: str | Path, *, tta: bool | None = None) -> Model | Ensemble:
+def load_model(
+    path: str | Path, *, tta: bool | None = None, checkpoint: str | int = "best"
+) -> Model | Ensemble:
     """A trained model with the preprocessing it was trained with.
 
     `path`: "pretrained" (the model inside the package), a training run's workdir or its
@@ -292,12 +325,18 @@ def load_model(path: str | Path, *, tta: bool | None = None) -> Model | Ensemble
     cross-validation workdir (the ensemble of its fold models). A folder that happens to be
     called `pretrained` is loaded as `./pretrained`. `tta`: average with the horizontally
     flipped prediction; None = what the run's (or the packaged model's) `predict.tta` says.
+    `checkpoint`: "best" (lowest validation loss), "last", or a step number (one run only).
     """
+    checkpoint = check_checkpoint(checkpoint)
     if str(path) == "pretrained":
+        if checkpoint != "best":
+            raise ConfigError(
+                f"checkpoint={checkpoint!r}: the packaged model is one checkpoint: use 'best'"
+            )
         return load_pretrained(tta=tta)
     path = Path(path).expanduser()
     if workdirs.is_cv_workdir(path):
-        return load_ensemble(path, tta=tta)
+        return load_ensemble(path, tta=tta, checkpoint=checkpoint)
     workdir, checkpoints = workdirs.find_checkpoints(path)
     config = configuration.saved_config(workdir)
     if config is None:
@@ -305,7 +344,7 @@ def load_model(path: str | Path, *, tta: bool | None = None) -> Model | Ensemble
             f"{workdir}: no {configuration.CONFIG_FILE} (runs from before it was written): "
             "use inference.model_from_config(config, checkpoints_dir) with the training config"
         )
-    return model_from_config(config, checkpoints, tta=tta)
+    return model_from_config(config, checkpoints, tta=tta, checkpoint=checkpoint)
 
 
 def load_model_for(

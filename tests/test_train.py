@@ -1,13 +1,16 @@
 """Training: a smoke run on the real data, resume, and the plateau schedule."""
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
+import lggunet
 from lggunet import parallel, steps, train
 from lggunet.configs import demo
+from lggunet.errors import ConfigError
 
 
 def read_jsonl(path):
@@ -124,6 +127,20 @@ def test_cosine_run_sets_the_rate_each_step_and_ignores_the_plateau(tiny_config,
         assert r["learning_rate"] == pytest.approx(want, rel=1e-5, abs=1e-10)
     assert records[0]["learning_rate"] == pytest.approx(1e-3)  # end of warm-up: the peak
     assert records[-1]["learning_rate"] < 1e-3 * 0.05
+
+    # Which checkpoint a model loads: the best by validation loss, the last, or a step.
+    best_epoch = json.loads((workdir / "final_metrics.json").read_text())["best_epoch"]
+    assert lggunet.load_model(str(workdir)).step == best_epoch * per_epoch
+    assert lggunet.load_model(str(workdir), checkpoint="last").step == 3 * per_epoch
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({best_epoch * per_epoch, 3 * per_epoch})
+    for step in kept:
+        assert lggunet.load_model(str(workdir), checkpoint=step).step == step
+    missing = re.escape(f"no checkpoint at step 1; it keeps steps {kept}")
+    with pytest.raises(ConfigError, match=missing):
+        lggunet.load_model(str(workdir), checkpoint=1)
+    with pytest.raises(ConfigError, match="checkpoint='first': use 'best'"):
+        lggunet.load_model(str(workdir), checkpoint="first")
 
 
 def test_step_plateau_leaves_a_cosine_run_alone():
