@@ -54,7 +54,7 @@ def __getattr__(name: str) -> Any:
 
 
 def load_model(
-    path: str = "pretrained", *, tta: bool | None = None, checkpoint: str | int = "best"
+    path: str = "pretrained", *, tta: bool | None = None, checkpoint: str | int | None = None
 ) -> Model | Ensemble:
     """A trained model with the preprocessing it was trained with.
 
@@ -63,7 +63,8 @@ def load_model(
     averaged). `tta`: also average with the horizontally flipped slices; None = the run's
     own `predict.tta` (on for the packaged model). `checkpoint`: "best" (lowest validation
     loss), "last" (the newest), or a step number of a run's kept checkpoints (a run keeps the
-    best and the last). Reads only the weights.
+    best and the last); None = the run's `evaluate.checkpoint` (the best by default). Reads
+    only the weights.
     """
     from lggunet import inference
 

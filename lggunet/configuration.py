@@ -49,7 +49,9 @@ ADDED = {
     "predict.slice_thickness_mm": (3, 0.0),
     "lr_schedule": (4, "plateau"),
     "warmup_epochs": (4, 0.0),
+    "evaluate.checkpoint": (4, "best"),
 }
+CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("plateau", "cosine")
 
@@ -184,6 +186,10 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("num_epochs and learning_rate must be positive")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
+    if config.evaluate.checkpoint not in CHECKPOINTS:
+        raise ConfigError(
+            f"evaluate.checkpoint={config.evaluate.checkpoint!r}: use one of {list(CHECKPOINTS)}"
+        )
     if config.warmup_epochs and config.lr_schedule != "cosine":
         raise ConfigError(
             f"warmup_epochs={config.warmup_epochs} works with lr_schedule='cosine' only "

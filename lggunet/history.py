@@ -150,9 +150,9 @@ def epoch_line(record: dict, num_epochs: int) -> str:
     )
 
 
-def final_line(epoch: int, split: str, result: dict) -> str:
+def final_line(epoch: int, split: str, result: dict, chosen: str = "best") -> str:
     return (
-        f"best checkpoint (epoch {epoch}) on {split}: loss {result['loss']:.4f} dice "
+        f"{chosen} checkpoint (epoch {epoch}) on {split}: loss {result['loss']:.4f} dice "
         f"{result['dice']:.4f} iou {result['iou']:.4f} accuracy {100 * result['accuracy']:.2f}% | "
         f"per-volume Dice {result['volume_dice']:.4f} over {len(result['per_volume_dice'])} "
         f"patients, per-slice Dice {result['slice_dice']:.4f} (at the slices' own size)"

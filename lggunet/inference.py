@@ -45,8 +45,6 @@ __all__ = [
     "restore_variables",
 ]
 
-CHECKPOINTS = ("best", "last")  # the named checkpoints a run keeps (besides step numbers)
-
 
 @functools.partial(jax.jit, static_argnames=("image_size", "normalize", "tta"))
 def _probabilities(weights, images, mean, std, brain, *, image_size, normalize, tta):
@@ -213,9 +211,12 @@ def predict(
     return largest_component(masks) if largest_connected_component else masks
 
 
-def check_checkpoint(checkpoint: str | int) -> str | int:
-    """`checkpoint` if it names one ("best", "last" or a step number >= 0); else ConfigError."""
-    named = isinstance(checkpoint, str) and checkpoint in CHECKPOINTS
+def check_checkpoint(checkpoint: str | int | None) -> str | int | None:
+    """`checkpoint` if it names one ("best", "last", a step number >= 0, or None: the run's
+    `evaluate.checkpoint`); else ConfigError."""
+    if checkpoint is None:
+        return None
+    named = isinstance(checkpoint, str) and checkpoint in configuration.CHECKPOINTS
     step = isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 0
     if not (named or step):
         raise ConfigError(
@@ -226,12 +227,15 @@ def check_checkpoint(checkpoint: str | int) -> str | int:
 
 
 def restore_variables(
-    config: ml_collections.ConfigDict, checkpoints: Path, checkpoint: str | int = "best"
+    config: ml_collections.ConfigDict, checkpoints: Path, checkpoint: str | int | None = None
 ) -> tuple[dict[str, Any], dict]:
     """({"params"[, "batch_stats"]}, the checkpoint's record) of `checkpoint` ("best": the
-    lowest validation loss, "last": the newest, each else the next readable one; or a step
-    number): only the weights are read, not the optimizer's state."""
+    lowest validation loss, "last": the newest, each else the next readable one; a step
+    number; None: `config.evaluate.checkpoint`): only the weights are read, not the
+    optimizer's state."""
     checkpoint = check_checkpoint(checkpoint)
+    if checkpoint is None:
+        checkpoint = config.evaluate.get("checkpoint", "best")
     abstract = models.abstract_variables(config)
     store = CheckpointStore(checkpoints)
     try:
@@ -259,10 +263,10 @@ def model_from_config(
     config: ml_collections.ConfigDict,
     checkpoints: Path,
     tta: bool | None = None,
-    checkpoint: str | int = "best",
+    checkpoint: str | int | None = None,
 ) -> Model:
-    """`checkpoint` (default the best) in `checkpoints` as the model `config` describes; `tta`
-    None = `config.predict.tta`."""
+    """`checkpoint` (None: `config.evaluate.checkpoint`, the best by default) in `checkpoints`
+    as the model `config` describes; `tta` None = `config.predict.tta`."""
     variables, meta = restore_variables(config, checkpoints, checkpoint)
     return _model(config, variables, meta["checkpoint_step"], meta, tta)
 
@@ -293,11 +297,11 @@ def load_pretrained(*, tta: bool | None = None) -> Model:
 
 
 def load_ensemble(
-    workdir: str | Path, *, tta: bool | None = None, checkpoint: str = "best"
+    workdir: str | Path, *, tta: bool | None = None, checkpoint: str | None = None
 ) -> Ensemble:
     """Every fold model of a cross-validation workdir, averaged; all folds must be trained.
-    `checkpoint`: each fold's "best" or "last"."""
-    if checkpoint not in CHECKPOINTS:
+    `checkpoint`: each fold's "best" or "last" (None: the run's `evaluate.checkpoint`)."""
+    if checkpoint is not None and checkpoint not in configuration.CHECKPOINTS:
         raise ConfigError(
             f"checkpoint={checkpoint!r}: an ensemble takes 'best' or 'last' of each fold"
         )
@@ -316,7 +320,7 @@ def load_ensemble(
 
 
 def load_model(
-    path: str | Path, *, tta: bool | None = None, checkpoint: str | int = "best"
+    path: str | Path, *, tta: bool | None = None, checkpoint: str | int | None = None
 ) -> Model | Ensemble:
     """A trained model with the preprocessing it was trained with.
 
@@ -325,11 +329,12 @@ def load_model(
     cross-validation workdir (the ensemble of its fold models). A folder that happens to be
     called `pretrained` is loaded as `./pretrained`. `tta`: average with the horizontally
     flipped prediction; None = what the run's (or the packaged model's) `predict.tta` says.
-    `checkpoint`: "best" (lowest validation loss), "last", or a step number (one run only).
+    `checkpoint`: "best" (lowest validation loss), "last", a step number (one run only), or
+    None: the run's `evaluate.checkpoint` (the best unless its recipe says otherwise).
     """
     checkpoint = check_checkpoint(checkpoint)
     if str(path) == "pretrained":
-        if checkpoint != "best":
+        if checkpoint not in (None, "best"):
             raise ConfigError(
                 f"checkpoint={checkpoint!r}: the packaged model is one checkpoint: use 'best'"
             )

@@ -236,6 +236,7 @@ def _header(workdir, meta, builder, run_config, record, config) -> dict:
             "step": meta["checkpoint_step"],
             "epoch": meta.get("epoch"),
             "val_loss": meta.get("val_loss"),
+            "chosen": run_config.evaluate.checkpoint,
         },
         "data": {
             "source": builder.info.metadata["source"],
@@ -270,7 +271,9 @@ def evaluate_run(
     configuration.check(config)
     workdir, checkpoints = workdirs.find_checkpoints(workdir)
     run_config = configuration.for_evaluation(configuration.saved_config(workdir), config)
-    model = inference.model_from_config(run_config, checkpoints)
+    model = inference.model_from_config(
+        run_config, checkpoints, checkpoint=run_config.evaluate.checkpoint
+    )
     record = workdirs.recorded_splits(workdir)
     builder = _prepare_for(run_config, record)
     sources = by_recorded_split(builder, builder.as_data_source(), record, workdir)

@@ -77,7 +77,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Evaluation report",
         "",
-        f"Checkpoint: step {ck['step']} (epoch {ck['epoch']}, val_loss {fmt(ck['val_loss'])}) "
+        f"Checkpoint: the {ck.get('chosen', 'best')}, step {ck['step']} (epoch {ck['epoch']}, "
+        f"val_loss {fmt(ck['val_loss'])}) "
         f"of `{ck['workdir']}`. Data: {report['data']['source']}; split "
         f"{report['data']['split']}.",
         "",

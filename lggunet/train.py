@@ -370,21 +370,29 @@ def _save_interrupted(
 
 
 def _final_evaluation(run: _Run) -> dict:
-    """Scores the best checkpoint on validation and test; writes final_metrics.json, the
-    training curves and a picture of its predictions."""
+    """Scores the chosen checkpoint (`evaluate.checkpoint`: the best or the last) on validation
+    and test; writes final_metrics.json, the training curves and a picture of its predictions."""
     feed = run.feed
-    best_state, best_meta = run.store.restore_best(run.state)
-    final = {"best_epoch": best_meta["epoch"], "stopped_early_after_epoch": run.stopped_early}
+    chosen = run.config.evaluate.checkpoint
+    if chosen == "last":
+        state, meta = run.store.restore_latest(run.state)
+    else:
+        state, meta = run.store.restore_best(run.state)
+    final = {
+        "checkpoint": chosen,
+        f"{chosen}_epoch": meta["epoch"],
+        "stopped_early_after_epoch": run.stopped_early,
+    }
     for split in ("validation", "test"):
         if split in feed.sources:
             final[split] = evaluate(
-                run.steps.eval, best_state, *feed.eval_batches(split), feed.patient_id[split]
+                run.steps.eval, state, *feed.eval_batches(split), feed.patient_id[split]
             )
-            _log("%s", history.final_line(best_meta["epoch"], split, final[split]))
+            _log("%s", history.final_line(meta["epoch"], split, final[split], chosen))
     if run.main:
         files.write_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
     summaries.draw_final(  # a collective: every process runs it
-        run.steps.predict, best_state, feed, run.mesh, run.workdir, run.config.summary_images
+        run.steps.predict, state, feed, run.mesh, run.workdir, run.config.summary_images
     )
     return final
 

@@ -81,6 +81,11 @@ def test_learning_rate_schedule_fields_are_checked():
         configuration.check(config)
     config.warmup_epochs = 0.5
     configuration.check(config)
+    config.evaluate.checkpoint = "newest"
+    with pytest.raises(configuration.ConfigError, match="evaluate.checkpoint='newest': use one"):
+        configuration.check(config)
+    config.evaluate.checkpoint = "last"
+    configuration.check(config)
     config.lr_schedule = "plateau"  # which has no warm-up: refused, not ignored
     with pytest.raises(configuration.ConfigError, match="works with lr_schedule='cosine' only"):
         configuration.check(config)

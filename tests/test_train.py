@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lggunet
-from lggunet import parallel, steps, train
+from lggunet import parallel, report, steps, train
 from lggunet.configs import demo
 from lggunet.errors import ConfigError
 
@@ -141,6 +141,12 @@ def test_cosine_run_sets_the_rate_each_step_and_ignores_the_plateau(tiny_config,
         lggunet.load_model(str(workdir), checkpoint=1)
     with pytest.raises(ConfigError, match="checkpoint='first': use 'best'"):
         lggunet.load_model(str(workdir), checkpoint="first")
+    # --mode=evaluate with evaluate.checkpoint="last" scores the last one and says so.
+    config.evaluate.checkpoint = "last"
+    scored = report.evaluate_run(config, workdir, splits=("test",))
+    assert scored["checkpoint"]["step"] == 3 * per_epoch
+    assert scored["checkpoint"]["chosen"] == "last"
+    assert "Checkpoint: the last, step" in (workdir / "report.md").read_text()
 
 
 def test_step_plateau_leaves_a_cosine_run_alone():

@@ -123,6 +123,9 @@ def _evaluate_and_predict() -> tuple[ml_collections.ConfigDict, ml_collections.C
     evaluate.tta = True  # also average with the horizontally flipped prediction
     evaluate.largest_component = True  # also keep the largest 3D component per patient
     evaluate.detection_min_pixels = 10  # a slice is "called" with >= this many pixels
+    # Which kept checkpoint the final evaluation, --mode=evaluate, --mode=predict and
+    # load_model(workdir) use: "best" (lowest val_loss, as Keras ModelCheckpoint) or "last".
+    evaluate.checkpoint = "best"
 
     # --mode=predict: how the written masks are made (default: the plain network, p > 0.5).
     predict = ml_collections.ConfigDict()
