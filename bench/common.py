@@ -30,10 +30,3 @@ def emit(lines: list[str], write: bool) -> None:
     if write:
         with (REPO / "BENCHMARKS.md").open("a") as f:
             f.write("\n" + table)
-
-
-def bootstrap_ci(diffs: np.ndarray, seed: int = 0, n: int = 10_000) -> tuple[float, float]:
-    """The 2.5 and 97.5 percentiles of the mean of `diffs` resampled over patients."""
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), (n, len(diffs)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

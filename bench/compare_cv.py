@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import bootstrap_ci
+
+from lggunet.cross_validation import bootstrap_ci
 
 VARIANTS = {"plain": "dice", "TTA": "dice_tta", "LCC": "dice_lcc", "TTA + LCC": "dice_tta_lcc"}
 

@@ -19,11 +19,11 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from common import bootstrap_ci
 from scipy import ndimage
 
 import lggunet
 from lggunet import inference, workdirs
+from lggunet.cross_validation import bootstrap_ci
 
 
 def drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
