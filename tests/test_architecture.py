@@ -193,6 +193,7 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     tree = config.to_dict()
     del tree["config_version"], tree["model"]["bn_momentum"], tree["data"]["cv_folds"]
     del tree["data"]["cv_fold"], tree["augment"]["intensity"], tree["lr_schedule"]
+    del tree["warmup_epochs"]
     (tmp_path / "config.json").write_text(json.dumps(tree))
     old = configuration.saved_config(tmp_path)
     assert old.config_version == configuration.VERSION

@@ -213,9 +213,9 @@ def test_a_cosine_run_may_not_change_its_length_on_resume():
     saved = json.loads(cpu.get_config().to_json_best_effort())
     longer = cpu.get_config()
     longer.num_epochs += 5
+    saved["lr_schedule"] = longer.lr_schedule = "plateau"
     assert workdirs.config_differences(saved, longer) == []  # plateau: more epochs resume
-    saved["lr_schedule"] = "cosine"
-    longer.lr_schedule = "cosine"
+    saved["lr_schedule"] = longer.lr_schedule = "cosine"
     assert workdirs.config_differences(saved, longer) == [
         f"num_epochs: {saved['num_epochs']} -> {longer.num_epochs}"
     ]
