@@ -197,7 +197,8 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         )
     if config.warmup_epochs >= config.num_epochs:
         raise ConfigError(
-            f"warmup_epochs={config.warmup_epochs} must be below num_epochs={config.num_epochs}"
+            f"warmup_epochs={config.warmup_epochs} must be below num_epochs={config.num_epochs}: "
+            "train longer or lower warmup_epochs (0 = no warm-up)"
         )
     if config.data.normalize not in NORMALIZATIONS:
         raise ConfigError(
