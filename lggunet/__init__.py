@@ -87,6 +87,7 @@ def predict(
     *,
     threshold: float = 0.5,
     largest_connected_component: bool = False,
+    min_component_voxels: int = 0,
     scale: float | None = None,
     volume_mean: np.ndarray | None = None,
     volume_std: np.ndarray | None = None,
@@ -103,6 +104,7 @@ def predict(
     threshold: p(tumour) above which a pixel is tumour, in (0, 1).
     largest_connected_component: keep only the largest 3D component (the slices taken as
         one volume in order).
+    min_component_voxels: drop 3D components smaller than this (26-connected; 0 = keep all).
     volume_mean, volume_std ((3,) or (N, 3)), brain_stats ((6, 3) or (N, 6, 3)): the
         patient's statistics for the per-patient normalisations, when `images` are not the
         whole volume (see `lggunet.normalization`); by default those of `images`.
@@ -117,6 +119,7 @@ def predict(
         model,
         threshold=threshold,
         largest_connected_component=largest_connected_component,
+        min_component_voxels=min_component_voxels,
         scale=scale,
         volume_mean=volume_mean,
         volume_std=volume_std,

@@ -215,6 +215,12 @@ class CheckpointStore:
             self._best_first(), lambda step: self.restore(step, template)
         )
 
+    def restore_chosen(self, checkpoint: str, template: Any) -> tuple[Any, dict]:
+        """The whole state of the "best" or the "last" checkpoint (see restore_best/_latest)."""
+        if checkpoint == "last":
+            return self.restore_latest(template)
+        return self.restore_best(template)
+
     def restore_chosen_weights(self, checkpoint: str | int, abstract: dict) -> tuple[dict, dict]:
         """`restore_weights` of `checkpoint`: "best" (lowest val_loss), "last" (the newest),
         each falling back to the next readable one (warned), or a step number (that one)."""

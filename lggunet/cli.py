@@ -146,6 +146,7 @@ def _predict() -> int:
         FLAGS.output,
         threshold=settings.threshold,
         largest_connected_component=settings.largest_component,
+        min_component_voxels=settings.min_component_voxels,
         spacing=spacing,
     )
     logging.info("%s", result.summary(FLAGS.output))

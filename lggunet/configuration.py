@@ -50,6 +50,7 @@ ADDED = {
     "lr_schedule": (4, "plateau"),
     "warmup_epochs": (4, 0.0),
     "evaluate.checkpoint": (4, "best"),
+    "predict.min_component_voxels": (4, 0),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -89,6 +90,7 @@ RANGES = {
     "predict.threshold": (0, 1, False),
     "predict.pixel_spacing_mm": (0, 100, True),
     "predict.slice_thickness_mm": (0, 100, True),
+    "predict.min_component_voxels": (0, None, True),
     "model.features": (1, 4096, True),
     "model.depth": (1, 10, True),
     "model.dropout": (0, 1, True),

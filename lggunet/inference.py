@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from lggunet import configuration, kaggle3m, models, normalization, steps, workdirs
 from lggunet.checkpointing import CheckpointStore
-from lggunet.errors import ConfigError
+from lggunet.errors import ConfigError, InputError
 from lggunet.inputs import check_images, check_statistics, check_threshold
 
 __all__ = [
@@ -182,12 +182,41 @@ def largest_component(masks: np.ndarray) -> np.ndarray:
     return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
+def drop_small_components(masks: np.ndarray, min_voxels: int) -> np.ndarray:
+    """The masks without their connected components (26-connectivity in 3D, 8 in 2D) of fewer
+    than `min_voxels` voxels; 0 keeps every component."""
+    masks = np.asarray(masks) > 0
+    if min_voxels <= 0 or not masks.any():
+        return masks.astype(np.uint8)
+    labels, _ = ndimage.label(masks, structure=np.ones((3,) * masks.ndim, bool))
+    keep = np.bincount(labels.ravel()) >= min_voxels
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
+def check_min_voxels(min_voxels) -> int:
+    """`min_voxels` as an int >= 0; else InputError."""
+    if isinstance(min_voxels, bool) or not isinstance(min_voxels, int | np.integer):
+        raise InputError(f"min_component_voxels={min_voxels!r} must be a whole number >= 0")
+    if min_voxels < 0:
+        raise InputError(f"min_component_voxels={min_voxels} must be >= 0 (0 = off)")
+    return int(min_voxels)
+
+
+def postprocess(masks: np.ndarray, largest: bool = False, min_voxels: int = 0) -> np.ndarray:
+    """One volume's binary masks after the recipe's filters: components under `min_voxels`
+    dropped, then (with `largest`) only the largest kept."""
+    masks = drop_small_components(masks, min_voxels)
+    return largest_component(masks) if largest else masks
+
+
 def predict(
     images,
     model: Model,
     *,
     threshold: float = 0.5,
     largest_connected_component: bool = False,
+    min_component_voxels: int = 0,
     volume_mean=None,
     volume_std=None,
     brain_stats=None,
@@ -195,11 +224,12 @@ def predict(
 ) -> np.ndarray:
     """Binary masks (N, H, W) uint8 in {0, 1} (or (H, W) for one slice): p > threshold.
 
-    `images` and `scale` as `check_images` takes them. With `largest_connected_component`,
-    `images` are taken as one patient's slices in order and only the largest 3D component is
-    kept.
+    `images` and `scale` as `check_images` takes them. With `largest_connected_component` or
+    `min_component_voxels`, `images` are taken as one patient's slices in order and only the
+    largest 3D component is kept, or those of at least that many voxels.
     """
     threshold = check_threshold(threshold)
+    min_component_voxels = check_min_voxels(min_component_voxels)
     probs = model(
         images,
         volume_mean=volume_mean,
@@ -208,7 +238,7 @@ def predict(
         scale=scale,
     )
     masks = (probs > threshold).astype(np.uint8)
-    return largest_component(masks) if largest_connected_component else masks
+    return postprocess(masks, largest_connected_component, min_component_voxels)
 
 
 def check_checkpoint(checkpoint: str | int | None) -> str | int | None:

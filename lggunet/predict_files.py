@@ -115,14 +115,16 @@ def _one_size(patient: str, loaded: list, result: PredictResult) -> bool:
     return False
 
 
-def _predict_volume(model, arrays: list[np.ndarray], threshold: float, lcc: bool) -> list:
+def _predict_volume(
+    model, arrays: list[np.ndarray], threshold: float, lcc: bool, min_voxels: int
+) -> list:
     """One volume's binary masks, its statistics taken over all its slices (whichever
-    normalisation the model, or each member, uses)."""
+    normalisation the model, or each member, uses), post-processed as a volume."""
     mean, std = kaggle3m.volume_statistics(arrays)
     brain = normalization.brain_statistics(arrays)
     probs = model(np.stack(arrays), mean, std, brain)
     preds = (probs > threshold).astype(np.uint8)
-    return list(inference.largest_component(preds) if lcc else preds)
+    return list(inference.postprocess(preds, lcc, min_voxels))
 
 
 @dataclasses.dataclass
@@ -242,11 +244,13 @@ def predict_path(
     *,
     threshold: float = 0.5,
     largest_connected_component: bool = False,
+    min_component_voxels: int = 0,
     spacing: volume_files.Spacing | None = None,
 ) -> PredictResult:
     """Predicts every image under `input_path` into `output` (see the module docstring);
     `spacing` (mm) gives volumes in mm^3 and ml, HD95 in mm and the NIfTI's voxel size."""
     threshold = inference.check_threshold(threshold)
+    min_component_voxels = inference.check_min_voxels(min_component_voxels)
     spacing = spacing or volume_files.Spacing()
     output = Path(output).expanduser()
     workdirs.make_writable_dir(output, "--output")
@@ -267,7 +271,9 @@ def predict_path(
         if not loaded or not _one_size(patient, loaded, result):
             continue
         arrays = [a for _, a in loaded]
-        preds = _predict_volume(model, arrays, threshold, largest_connected_component)
+        preds = _predict_volume(
+            model, arrays, threshold, largest_connected_component, min_component_voxels
+        )
         counts = outputs.write_volume(loaded, preds)
         if not counts["slices"]:  # nothing of this volume written: no row to mislead
             continue

@@ -99,7 +99,8 @@ class _Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config` on every device of every process, writing checkpoints,
     metrics.jsonl, TensorBoard events and pictures under `workdir`; resumes from the latest
-    checkpoint there (mid-epoch too). Returns the final evaluation of the best checkpoint.
+    checkpoint there (mid-epoch too). Returns the final evaluation of the chosen checkpoint
+    (`evaluate.checkpoint`: the best by validation loss unless the config says the last).
 
     Raises `Interrupted` after saving a checkpoint when SIGTERM or SIGINT arrives, and
     `TrainingDiverged` on a NaN or infinite loss (the last good checkpoint stays).
@@ -115,16 +116,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
     is written."""
     configuration.check(config)
     workdir_path = Path(workdir).expanduser()
-    if config.data.cv_folds and config.data.cv_fold < 0:
-        raise ConfigError(
-            "data.cv_fold=-1 means every fold: run them with run.py (or "
-            "lggunet.cross_validation.run), or set data.cv_fold to one fold"
-        )
-    if workdirs.is_cv_workdir(workdir_path):
-        raise ConfigError(
-            f"{workdir_path} holds a cross-validation run (its folds are fold_<k>/): train it "
-            "with the same data.cv_folds, or use another workdir"
-        )
+    workdirs.check_one_run(config, workdir_path)
     if not parallel.is_main_process():
         workdir_path.mkdir(parents=True, exist_ok=True)
         return _train(config, workdir_path)
@@ -374,15 +366,9 @@ def _final_evaluation(run: _Run) -> dict:
     and test; writes final_metrics.json, the training curves and a picture of its predictions."""
     feed = run.feed
     chosen = run.config.evaluate.checkpoint
-    if chosen == "last":
-        state, meta = run.store.restore_latest(run.state)
-    else:
-        state, meta = run.store.restore_best(run.state)
-    final = {
-        "checkpoint": chosen,
-        f"{chosen}_epoch": meta["epoch"],
-        "stopped_early_after_epoch": run.stopped_early,
-    }
+    state, meta = run.store.restore_chosen(chosen, run.state)
+    final = {"checkpoint": chosen, f"{chosen}_epoch": meta["epoch"]}
+    final["stopped_early_after_epoch"] = run.stopped_early
     for split in ("validation", "test"):
         if split in feed.sources:
             final[split] = evaluate(

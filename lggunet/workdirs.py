@@ -240,6 +240,21 @@ def cv_folds_of(workdir: str | Path) -> int:
     return int(config.data.cv_folds) if config is not None else 0
 
 
+def check_one_run(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """ConfigError unless `config` trains one model into `workdir`: not every fold of a
+    cross-validation at once, and not into a cross-validation's folder."""
+    if config.data.cv_folds and config.data.cv_fold < 0:
+        raise ConfigError(
+            "data.cv_fold=-1 means every fold: run them with run.py (or "
+            "lggunet.cross_validation.run), or set data.cv_fold to one fold"
+        )
+    if is_cv_workdir(workdir):
+        raise ConfigError(
+            f"{workdir} holds a cross-validation run (its folds are fold_<k>/): train it "
+            "with the same data.cv_folds, or use another workdir"
+        )
+
+
 def is_cv_workdir(path: str | Path) -> bool:
     """True for the top folder of a cross-validation run (not one of its fold workdirs)."""
     path = Path(path).expanduser()

@@ -9,6 +9,7 @@ from scipy.spatial.distance import cdist
 
 from lggunet import inference, report, steps, volume_metrics
 from lggunet.configs import demo
+from lggunet.errors import InputError
 
 
 def surface_points(mask):
@@ -81,6 +82,28 @@ def test_largest_component_keeps_the_biggest_3d_blob():
     diagonal = np.zeros((2, 4, 4), np.uint8)
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = 1  # 26-connected: one component
     assert inference.largest_component(diagonal).sum() == 2
+
+
+def test_small_components_are_dropped_and_the_rest_kept():
+    m = np.zeros((3, 10, 10), np.uint8)
+    m[0:2, 1:3, 1:3] = 1  # 8 voxels, across two slices
+    m[2, 6:8, 6:9] = 1  # 6 voxels
+    m[0, 9, 0] = m[1, 8, 1] = 1  # 2 voxels, touching only diagonally: one 26-component
+    big = np.zeros_like(m)
+    big[0:2, 1:3, 1:3] = 1
+    np.testing.assert_array_equal(inference.drop_small_components(m, 7), big)
+    without_pair = m.copy()
+    without_pair[0, 9, 0] = without_pair[1, 8, 1] = 0
+    np.testing.assert_array_equal(inference.drop_small_components(m, 6), without_pair)
+    np.testing.assert_array_equal(inference.drop_small_components(m, 3), without_pair)
+    np.testing.assert_array_equal(inference.drop_small_components(m, 2), m)
+    np.testing.assert_array_equal(inference.drop_small_components(m, 0), m)
+    assert inference.drop_small_components(m, 9).sum() == 0
+    # Dropping first, then the largest: the recipe's order.
+    np.testing.assert_array_equal(inference.postprocess(m, largest=True, min_voxels=3), big)
+    for bad in (-1, 2.5, True, "500"):
+        with pytest.raises(InputError, match="min_component_voxels="):
+            inference.check_min_voxels(bad)
 
 
 def fixed_model(probs: np.ndarray) -> steps.Weights:

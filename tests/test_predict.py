@@ -54,6 +54,18 @@ def predict_cli(workdir, input_path, output):
     )
 
 
+def predict_cli_with(workdir, input_path, output, *extra):
+    return run(
+        [
+            f"--workdir={workdir}",
+            "--mode=predict",
+            f"--input={input_path}",
+            f"--output={output}",
+            *extra,
+        ]
+    )
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -179,6 +191,18 @@ def test_python_api_gives_the_same_masks_as_the_cli(trained, tmp_path):
             tmp_path / "out" / folder.name / f"TCGA_XX_0001_20000101_{i + 1}_pred_mask.tif"
         )
         np.testing.assert_array_equal(cli, api[i] * 255)
+    # The small-component filter, through the CLI and the API alike.
+    filtered = predict_cli_with(
+        trained, tmp_path / "in", tmp_path / "out_f", "--config.predict.min_component_voxels=50"
+    )
+    assert filtered.returncode == 0, filtered.stderr[-3000:]
+    api_f = lggunet.predict(np.stack(images), model, min_component_voxels=50)
+    np.testing.assert_array_equal(api_f, inference.drop_small_components(api, 50))
+    for i in range(3):
+        cli = tifffile.imread(
+            tmp_path / "out_f" / folder.name / f"TCGA_XX_0001_20000101_{i + 1}_pred_mask.tif"
+        )
+        np.testing.assert_array_equal(cli, api_f[i] * 255)
     probs = model(images[0].astype(np.float32), scale=1)  # float input, its scale said
     np.testing.assert_array_equal((probs > 0.5).astype(np.uint8), api[0])
     probs = model(images[0] / np.float32(255), scale=255)  # in [0, 1]: equal up to rounding

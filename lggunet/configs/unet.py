@@ -132,6 +132,7 @@ def _evaluate_and_predict() -> tuple[ml_collections.ConfigDict, ml_collections.C
     predict.tta = False
     predict.largest_component = False
     predict.threshold = 0.5
+    predict.min_component_voxels = 0  # drop 3D components under this size per patient (0: off)
     # Voxel size in mm (the Kaggle TIFFs record none; 0 = unknown): with both, volumes.csv
     # gives tumour mm^3 and ml and HD95 in mm, and the NIfTI masks carry the spacing.
     predict.pixel_spacing_mm = 0.0
