@@ -19,22 +19,10 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 import lggunet
 from lggunet import inference, workdirs
 from lggunet.cross_validation import bootstrap_ci
-
-
-def drop_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    """The mask without its 3D components (26-connected) of fewer than `min_voxels` voxels."""
-    labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return mask.astype(np.uint8)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[labels].astype(np.uint8)
 
 
 def main() -> None:
@@ -67,7 +55,7 @@ def main() -> None:
             pred = (probs > t).astype(np.uint8)
             at = "" if t == 0.5 else f"p > {t:g}, "
             scores = {f"{at}as is": pred, f"{at}largest": inference.largest_component(pred)}
-            scores |= {f"{at}drop < {n}": drop_small(pred, n) for n in sizes}
+            scores |= {f"{at}drop < {n}": inference.drop_small_components(pred, n) for n in sizes}
             for name, mask in scores.items():
                 variants.setdefault(name, []).append(lggunet.volume_dice(truth, mask))
         print(f"{row['patient']}: fold {fold}, as is {variants['as is'][-1]:.3f}", flush=True)

@@ -206,31 +206,33 @@ class CheckpointStore:
 
     def restore_latest(self, template: Any) -> tuple[Any, dict]:
         """The newest checkpoint that reads back whole (older ones on failure, warned)."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        return self._restore_first_good(steps, lambda step: self.restore(step, template))
+        return self.restore_chosen("last", template)
 
     def restore_best(self, template: Any) -> tuple[Any, dict]:
         """The best checkpoint by val_loss, or the next readable one (warned)."""
-        return self._restore_first_good(
-            self._best_first(), lambda step: self.restore(step, template)
-        )
+        return self.restore_chosen("best", template)
+
+    def _chosen_first(self, checkpoint: str | int) -> list[int]:
+        """The steps to try for `checkpoint`: "best" (lowest val_loss) or "last" (the newest),
+        each followed by the others as fallbacks, or one step number."""
+        if checkpoint == "best":
+            return self._best_first()
+        if checkpoint == "last":
+            return sorted(self.manager.all_steps(), reverse=True)
+        return [checkpoint]
 
     def restore_chosen(self, checkpoint: str, template: Any) -> tuple[Any, dict]:
-        """The whole state of the "best" or the "last" checkpoint (see restore_best/_latest)."""
-        if checkpoint == "last":
-            return self.restore_latest(template)
-        return self.restore_best(template)
+        """The whole state of `checkpoint` ("best" or "last"), or the next readable one."""
+        return self._restore_first_good(
+            self._chosen_first(checkpoint), lambda step: self.restore(step, template)
+        )
 
     def restore_chosen_weights(self, checkpoint: str | int, abstract: dict) -> tuple[dict, dict]:
-        """`restore_weights` of `checkpoint`: "best" (lowest val_loss), "last" (the newest),
-        each falling back to the next readable one (warned), or a step number (that one)."""
-        if checkpoint == "best":
-            order = self._best_first()
-        elif checkpoint == "last":
-            order = sorted(self.manager.all_steps(), reverse=True)
-        else:
-            order = [checkpoint]
-        return self._restore_first_good(order, lambda step: self.restore_weights(step, abstract))
+        """`restore_weights` of `checkpoint` ("best", "last", or a step number), falling back
+        to the next readable one (warned) for the named ones."""
+        return self._restore_first_good(
+            self._chosen_first(checkpoint), lambda step: self.restore_weights(step, abstract)
+        )
 
     def wait(self) -> None:
         """Waits for the save in flight, if any; a CheckpointError if it failed."""
