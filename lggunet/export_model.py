@@ -1,4 +1,4 @@
-"""Writes a finished run's best checkpoint as the packaged model (`lggunet.pretrained`):
+"""Writes a finished run's chosen checkpoint as the packaged model (`lggunet.pretrained`):
 
 python -m lggunet.export_model WORKDIR --training-data="49 patients of ..."
 """
@@ -14,7 +14,8 @@ from lggunet.errors import ConfigError, LggUnetError
 
 
 def export(workdir: str | Path, directory: Path, training_data: str = "") -> Path:
-    """The run's best checkpoint (one run, not a cross-validation workdir) into `directory`."""
+    """The run's chosen checkpoint (its `evaluate.checkpoint`: the best by validation loss, or
+    the last) of one run, not a cross-validation workdir, into `directory`."""
     model = inference.load_model(workdir, tta=False)
     if not isinstance(model, inference.Model):
         raise ConfigError(f"{workdir}: a cross-validation workdir; export one run's folder")
