@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import lggunet
-from lggunet import inference, workdirs
+from lggunet import inference, postprocessing, workdirs
 from lggunet.cross_validation import MISS, bootstrap_ci
 
 
@@ -83,7 +83,7 @@ def main() -> None:
 
     def score(truth: np.ndarray, probs: np.ndarray) -> float:
         pred = (probs > 0.5).astype(np.uint8)
-        pred = inference.drop_small_components(pred, args.min_voxels)
+        pred = postprocessing.drop_small_components(pred, args.min_voxels)
         return lggunet.volume_dice(truth, pred)
 
     for patient_id, fold in sorted(folds.items())[: args.limit or None]:

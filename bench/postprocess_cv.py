@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import lggunet
-from lggunet import inference, workdirs
+from lggunet import postprocessing, workdirs
 from lggunet.cross_validation import bootstrap_ci
 
 
@@ -54,8 +54,10 @@ def main() -> None:
         for t in thresholds:
             pred = (probs > t).astype(np.uint8)
             at = "" if t == 0.5 else f"p > {t:g}, "
-            scores = {f"{at}as is": pred, f"{at}largest": inference.largest_component(pred)}
-            scores |= {f"{at}drop < {n}": inference.drop_small_components(pred, n) for n in sizes}
+            largest = postprocessing.largest_component(pred)
+            scores = {f"{at}as is": pred, f"{at}largest": largest}
+            for n in sizes:
+                scores[f"{at}drop < {n}"] = postprocessing.drop_small_components(pred, n)
             for name, mask in scores.items():
                 variants.setdefault(name, []).append(lggunet.volume_dice(truth, mask))
         print(f"{row['patient']}: fold {fold}, as is {variants['as is'][-1]:.3f}", flush=True)

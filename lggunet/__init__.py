@@ -85,9 +85,9 @@ def predict(
     images: np.ndarray,
     model: Model | Ensemble,
     *,
-    threshold: float = 0.5,
-    largest_connected_component: bool = False,
-    min_component_voxels: int = 0,
+    threshold: float | None = None,
+    largest_connected_component: bool | None = None,
+    min_component_voxels: int | None = None,
     scale: float | None = None,
     volume_mean: np.ndarray | None = None,
     volume_std: np.ndarray | None = None,
@@ -105,6 +105,10 @@ def predict(
     largest_connected_component: keep only the largest 3D component (the slices taken as
         one volume in order).
     min_component_voxels: drop 3D components smaller than this (26-connected; 0 = keep all).
+    threshold, largest_connected_component, min_component_voxels: None (the default) = what
+        the model's recipe predicts with (its training config's `predict.*`, as
+        `--mode=predict` uses them; the packaged model: 0.5, no, 500). The component filters
+        need the whole volume, so for one (H, W, 3) slice the recipe's are not applied.
     volume_mean, volume_std ((3,) or (N, 3)), brain_stats ((6, 3) or (N, 6, 3)): the
         patient's statistics for the per-patient normalisations, when `images` are not the
         whole volume (see `lggunet.normalization`); by default those of `images`.

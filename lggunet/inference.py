@@ -3,8 +3,9 @@
 For research code that wants masks without the config system or the data pipeline:
 
     import lggunet
-    model = lggunet.load_model("runs/unet")            # the best checkpoint of that run
-    masks = lggunet.predict(images, model)             # (N, H, W) uint8 in {0, 1}
+    model = lggunet.load_model("runs/unet")            # the checkpoint that run chose
+    masks = lggunet.predict(images, model)             # (N, H, W) uint8 in {0, 1}, as its
+                                                       # recipe predicts (threshold, filters)
     probs = model(images)                              # (N, H, W) float32 p(tumour)
 
 `images` is (N, H, W, 3) (pre-contrast, FLAIR, post-contrast) or one (H, W, 3) slice, uint8
@@ -24,11 +25,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from scipy import ndimage
 
-from lggunet import configuration, kaggle3m, models, normalization, steps, workdirs
+from lggunet import configuration, kaggle3m, models, normalization, postprocessing, steps, workdirs
 from lggunet.checkpointing import CheckpointStore
-from lggunet.errors import ConfigError, InputError
+from lggunet.errors import ConfigError
 from lggunet.inputs import check_images, check_statistics, check_threshold
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "Model",
     "check_images",
     "check_threshold",
-    "largest_component",
     "load_model",
     "load_model_for",
     "model_from_config",
@@ -170,53 +169,13 @@ class Ensemble:
         return (total / len(self.members)).astype(np.float32)
 
 
-def largest_component(masks: np.ndarray) -> np.ndarray:
-    """Keeps the largest connected component (26-connectivity in 3D: the masks are one
-    patient's slices in order; 8-connectivity for one 2D slice), as Buda et al."""
-    masks = np.asarray(masks) > 0
-    if not masks.any():
-        return masks.astype(np.uint8)
-    structure = np.ones((3,) * masks.ndim, bool)
-    labels, count = ndimage.label(masks, structure=structure)
-    sizes = np.bincount(labels.ravel())[1:]
-    return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
-
-
-def drop_small_components(masks: np.ndarray, min_voxels: int) -> np.ndarray:
-    """The masks without their connected components (26-connectivity in 3D, 8 in 2D) of fewer
-    than `min_voxels` voxels; 0 keeps every component."""
-    masks = np.asarray(masks) > 0
-    if min_voxels <= 0 or not masks.any():
-        return masks.astype(np.uint8)
-    labels, _ = ndimage.label(masks, structure=np.ones((3,) * masks.ndim, bool))
-    keep = np.bincount(labels.ravel()) >= min_voxels
-    keep[0] = False
-    return keep[labels].astype(np.uint8)
-
-
-def check_min_voxels(min_voxels) -> int:
-    """`min_voxels` as an int >= 0; else InputError."""
-    if isinstance(min_voxels, bool) or not isinstance(min_voxels, int | np.integer):
-        raise InputError(f"min_component_voxels={min_voxels!r} must be a whole number >= 0")
-    if min_voxels < 0:
-        raise InputError(f"min_component_voxels={min_voxels} must be >= 0 (0 = off)")
-    return int(min_voxels)
-
-
-def postprocess(masks: np.ndarray, largest: bool = False, min_voxels: int = 0) -> np.ndarray:
-    """One volume's binary masks after the recipe's filters: components under `min_voxels`
-    dropped, then (with `largest`) only the largest kept."""
-    masks = drop_small_components(masks, min_voxels)
-    return largest_component(masks) if largest else masks
-
-
 def predict(
     images,
-    model: Model,
+    model: Model | Ensemble,
     *,
-    threshold: float = 0.5,
-    largest_connected_component: bool = False,
-    min_component_voxels: int = 0,
+    threshold: float | None = None,
+    largest_connected_component: bool | None = None,
+    min_component_voxels: int | None = None,
     volume_mean=None,
     volume_std=None,
     brain_stats=None,
@@ -226,10 +185,14 @@ def predict(
 
     `images` and `scale` as `check_images` takes them. With `largest_connected_component` or
     `min_component_voxels`, `images` are taken as one patient's slices in order and only the
-    largest 3D component is kept, or those of at least that many voxels.
+    largest 3D component is kept, or those of at least that many voxels. None: what the
+    model's recipe predicts with (`postprocessing.recipe_settings`), as `--mode=predict`
+    does; for one (H, W, 3) slice the recipe's 3D component filters are not applied.
     """
-    threshold = check_threshold(threshold)
-    min_component_voxels = check_min_voxels(min_component_voxels)
+    recipe_threshold, recipe_largest, recipe_min_voxels = postprocessing.recipe_settings(model)
+    threshold = check_threshold(recipe_threshold if threshold is None else threshold)
+    if min_component_voxels is not None:
+        postprocessing.check_min_voxels(min_component_voxels)
     probs = model(
         images,
         volume_mean=volume_mean,
@@ -237,8 +200,13 @@ def predict(
         brain_stats=brain_stats,
         scale=scale,
     )
+    one_slice = probs.ndim == 2
+    if largest_connected_component is None:
+        largest_connected_component = recipe_largest and not one_slice
+    if min_component_voxels is None:
+        min_component_voxels = 0 if one_slice else recipe_min_voxels
     masks = (probs > threshold).astype(np.uint8)
-    return postprocess(masks, largest_connected_component, min_component_voxels)
+    return postprocessing.postprocess(masks, largest_connected_component, min_component_voxels)
 
 
 def check_checkpoint(checkpoint: str | int | None) -> str | int | None:

@@ -34,6 +34,7 @@ from lggunet import (
     inference,
     kaggle3m,
     normalization,
+    postprocessing,
     scans,
     slices,
     volume_files,
@@ -124,7 +125,7 @@ def _predict_volume(
     brain = normalization.brain_statistics(arrays)
     probs = model(np.stack(arrays), mean, std, brain)
     preds = (probs > threshold).astype(np.uint8)
-    return list(inference.postprocess(preds, lcc, min_voxels))
+    return list(postprocessing.postprocess(preds, lcc, min_voxels))
 
 
 @dataclasses.dataclass
@@ -250,7 +251,7 @@ def predict_path(
     """Predicts every image under `input_path` into `output` (see the module docstring);
     `spacing` (mm) gives volumes in mm^3 and ml, HD95 in mm and the NIfTI's voxel size."""
     threshold = inference.check_threshold(threshold)
-    min_component_voxels = inference.check_min_voxels(min_component_voxels)
+    min_component_voxels = postprocessing.check_min_voxels(min_component_voxels)
     spacing = spacing or volume_files.Spacing()
     output = Path(output).expanduser()
     workdirs.make_writable_dir(output, "--output")

@@ -28,6 +28,7 @@ from lggunet import (
     input_pipeline,
     kaggle3m,
     parallel,
+    postprocessing,
     report_files,
     steps,
     volume_metrics,
@@ -126,7 +127,7 @@ def score_split(
             base = scores[_BASE_VARIANT[v]]
             preds[v] = evaluator.unpack(base.prediction[idx], base.width)
             if v.endswith("lcc"):
-                preds[v] = inference.largest_component(preds[v]).astype(bool)
+                preds[v] = postprocessing.largest_component(preds[v]).astype(bool)
         row, patient_scores = _patient_row(pid, truth, preds, copied[pid])
         for v, (vd, prec, rec, hd, areas, sd) in patient_scores.items():
             slice_pred_area[v][idx], slice_dice[v][idx] = areas, sd

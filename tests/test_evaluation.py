@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from lggunet import inference, report, steps, volume_metrics
+import lggunet
+from lggunet import postprocessing, report, steps, volume_metrics
 from lggunet.configs import demo
 from lggunet.errors import InputError
 
@@ -77,11 +79,11 @@ def test_largest_component_keeps_the_biggest_3d_blob():
     m = np.zeros((3, 10, 10), np.uint8)
     m[0:2, 1:3, 1:3] = 1  # 8 voxels, across two slices
     m[2, 6:8, 6:9] = 1  # 6 voxels
-    kept = inference.largest_component(m)
+    kept = postprocessing.largest_component(m)
     np.testing.assert_array_equal(kept, (np.arange(3)[:, None, None] < 2) & (m > 0))
     diagonal = np.zeros((2, 4, 4), np.uint8)
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = 1  # 26-connected: one component
-    assert inference.largest_component(diagonal).sum() == 2
+    assert postprocessing.largest_component(diagonal).sum() == 2
 
 
 def test_small_components_are_dropped_and_the_rest_kept():
@@ -91,19 +93,59 @@ def test_small_components_are_dropped_and_the_rest_kept():
     m[0, 9, 0] = m[1, 8, 1] = 1  # 2 voxels, touching only diagonally: one 26-component
     big = np.zeros_like(m)
     big[0:2, 1:3, 1:3] = 1
-    np.testing.assert_array_equal(inference.drop_small_components(m, 7), big)
+    np.testing.assert_array_equal(postprocessing.drop_small_components(m, 7), big)
     without_pair = m.copy()
     without_pair[0, 9, 0] = without_pair[1, 8, 1] = 0
-    np.testing.assert_array_equal(inference.drop_small_components(m, 6), without_pair)
-    np.testing.assert_array_equal(inference.drop_small_components(m, 3), without_pair)
-    np.testing.assert_array_equal(inference.drop_small_components(m, 2), m)
-    np.testing.assert_array_equal(inference.drop_small_components(m, 0), m)
-    assert inference.drop_small_components(m, 9).sum() == 0
+    np.testing.assert_array_equal(postprocessing.drop_small_components(m, 6), without_pair)
+    np.testing.assert_array_equal(postprocessing.drop_small_components(m, 3), without_pair)
+    np.testing.assert_array_equal(postprocessing.drop_small_components(m, 2), m)
+    np.testing.assert_array_equal(postprocessing.drop_small_components(m, 0), m)
+    assert postprocessing.drop_small_components(m, 9).sum() == 0
     # Dropping first, then the largest: the recipe's order.
-    np.testing.assert_array_equal(inference.postprocess(m, largest=True, min_voxels=3), big)
+    np.testing.assert_array_equal(postprocessing.postprocess(m, largest=True, min_voxels=3), big)
     for bad in (-1, 2.5, True, "500"):
         with pytest.raises(InputError, match="min_component_voxels="):
-            inference.check_min_voxels(bad)
+            postprocessing.check_min_voxels(bad)
+
+
+class RecipeModel:
+    """A stand-in for `inference.Model`: fixed probabilities and a recipe's `predict.*`."""
+
+    def __init__(self, probs: np.ndarray, **predict):
+        self.probs = probs
+        self.config = ml_collections.ConfigDict({"predict": predict})
+
+    def __call__(self, images, volume_mean=None, volume_std=None, brain_stats=None, scale=None):
+        return self.probs if np.ndim(images) == 4 else self.probs[0]
+
+
+def test_predict_follows_the_models_recipe_unless_told_otherwise():
+    probs = np.zeros((3, 10, 10), np.float32)
+    probs[0:2, 1:3, 1:3] = 0.9  # 8 voxels
+    probs[2, 6:8, 6:9] = 0.45  # 6 voxels, tumour only at a threshold under 0.45
+    probs[0, 8:10, 8:10] = 0.7  # 4 voxels on the first slice
+    images = np.zeros((3, 10, 10, 3), np.uint8)
+    model = RecipeModel(probs, threshold=0.4, largest_component=False, min_component_voxels=5)
+    expected = (probs > 0.4).astype(np.uint8)
+    expected[0, 8:10, 8:10] = 0  # the 4-voxel component, under 5
+    np.testing.assert_array_equal(lggunet.predict(images, model), expected)
+    # Arguments given win over the recipe.
+    np.testing.assert_array_equal(
+        lggunet.predict(images, model, threshold=0.5, min_component_voxels=0),
+        (probs > 0.5).astype(np.uint8),
+    )
+    largest = np.zeros_like(expected)
+    largest[0:2, 1:3, 1:3] = 1
+    np.testing.assert_array_equal(
+        lggunet.predict(images, model, largest_connected_component=True), largest
+    )
+    # One slice: the recipe's threshold, but not its 3D component filters.
+    np.testing.assert_array_equal(
+        lggunet.predict(images[0], model), (probs[0] > 0.4).astype(np.uint8)
+    )
+    # A model without a recipe: p > 0.5, nothing filtered.
+    model.config = None
+    np.testing.assert_array_equal(lggunet.predict(images, model), (probs > 0.5).astype(np.uint8))
 
 
 def fixed_model(probs: np.ndarray) -> steps.Weights:
@@ -168,5 +210,5 @@ def test_report_scores_equal_numpy_reference():
     assert det["tp"] == int(((truth.sum(axis=(1, 2)) > 0) & (areas >= 4)).sum())
     assert det["fp"] == int(((truth.sum(axis=(1, 2)) == 0) & (areas >= 4)).sum())
     # LCC removes patient B's separate false-positive blob (and the noise specks).
-    lcc_b = inference.largest_component(binary[3:6])
+    lcc_b = postprocessing.largest_component(binary[3:6])
     assert rows[1]["pred_area_lcc"] == lcc_b.sum() < rows[1]["pred_area"]

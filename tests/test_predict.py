@@ -18,7 +18,7 @@ import tifffile
 from PIL import Image
 
 import lggunet
-from lggunet import inference, train
+from lggunet import inference, postprocessing, train
 from tests.helpers.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_python_api_gives_the_same_masks_as_the_cli(trained, tmp_path):
     )
     assert filtered.returncode == 0, filtered.stderr[-3000:]
     api_f = lggunet.predict(np.stack(images), model, min_component_voxels=50)
-    np.testing.assert_array_equal(api_f, inference.drop_small_components(api, 50))
+    np.testing.assert_array_equal(api_f, postprocessing.drop_small_components(api, 50))
     for i in range(3):
         cli = tifffile.imread(
             tmp_path / "out_f" / folder.name / f"TCGA_XX_0001_20000101_{i + 1}_pred_mask.tif"
