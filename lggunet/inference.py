@@ -328,13 +328,15 @@ def load_model(
     called `pretrained` is loaded as `./pretrained`. `tta`: average with the horizontally
     flipped prediction; None = what the run's (or the packaged model's) `predict.tta` says.
     `checkpoint`: "best" (lowest validation loss), "last", a step number (one run only), or
-    None: the run's `evaluate.checkpoint` (the best unless its recipe says otherwise).
+    None: the run's `evaluate.checkpoint` (the best unless its recipe says otherwise); the
+    packaged model is one checkpoint and takes None only.
     """
     checkpoint = check_checkpoint(checkpoint)
     if str(path) == "pretrained":
-        if checkpoint not in (None, "best"):
+        if checkpoint is not None:
             raise ConfigError(
-                f"checkpoint={checkpoint!r}: the packaged model is one checkpoint: use 'best'"
+                f"checkpoint={checkpoint!r}: the packaged model is one checkpoint (its training "
+                "run's last): leave checkpoint out"
             )
         return load_pretrained(tta=tta)
     path = Path(path).expanduser()
