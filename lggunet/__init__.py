@@ -59,12 +59,13 @@ def load_model(
     """A trained model with the preprocessing it was trained with.
 
     `path`: "pretrained" (the model inside the package, docs/model_card.md), a training
-    run's workdir (its best checkpoint), or a cross-validation workdir (its fold models
+    run's workdir (the checkpoint it chose), or a cross-validation workdir (its fold models
     averaged). `tta`: also average with the horizontally flipped slices; None = the run's
     own `predict.tta` (on for the packaged model). `checkpoint`: "best" (lowest validation
     loss), "last" (the newest), or a step number of a run's kept checkpoints (a run keeps the
-    best and the last); None = the run's `evaluate.checkpoint` (the best by default). Reads
-    only the weights.
+    best and the last); None = the run's `evaluate.checkpoint` (the best by default; the last
+    for `configs/cpu.py`). The packaged model is one checkpoint: leave `checkpoint` out.
+    Reads only the weights.
     """
     from lggunet import inference
 
@@ -108,7 +109,8 @@ def predict(
     threshold, largest_connected_component, min_component_voxels: None (the default) = what
         the model's recipe predicts with (its training config's `predict.*`, as
         `--mode=predict` uses them; the packaged model: 0.5, no, 500). The component filters
-        need the whole volume, so for one (H, W, 3) slice the recipe's are not applied.
+        need the whole volume, so for one (H, W, 3) slice the recipe's are not applied; a
+        (1, H, W, 3) array is a volume of one slice, and they are.
     volume_mean, volume_std ((3,) or (N, 3)), brain_stats ((6, 3) or (N, 6, 3)): the
         patient's statistics for the per-patient normalisations, when `images` are not the
         whole volume (see `lggunet.normalization`); by default those of `images`.

@@ -97,6 +97,10 @@ RANGES = {
 }
 
 
+# Counts, where 7.5 would be truncated somewhere rather than refused.
+WHOLE_NUMBERS = frozenset({"evaluate.detection_min_pixels", "predict.min_component_voxels"})
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -114,6 +118,8 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             raise ConfigError(f"{field}={value!r} must be a number")
+        if field in WHOLE_NUMBERS and not isinstance(value, int):
+            raise ConfigError(f"{field}={value!r} must be a whole number")
         below = low is not None and (value < low if inclusive else value <= low)
         above = high is not None and (value > high if inclusive else value >= high)
         if below or above:

@@ -193,6 +193,8 @@ def predict(
     threshold = check_threshold(recipe_threshold if threshold is None else threshold)
     if min_component_voxels is not None:
         postprocessing.check_min_voxels(min_component_voxels)
+    if largest_connected_component is not None:
+        postprocessing.check_flag(largest_connected_component, "largest_connected_component")
     probs = model(
         images,
         volume_mean=volume_mean,
@@ -215,13 +217,14 @@ def check_checkpoint(checkpoint: str | int | None) -> str | int | None:
     if checkpoint is None:
         return None
     named = isinstance(checkpoint, str) and checkpoint in configuration.CHECKPOINTS
-    step = isinstance(checkpoint, int) and not isinstance(checkpoint, bool) and checkpoint >= 0
+    whole = isinstance(checkpoint, int | np.integer) and not isinstance(checkpoint, bool)
+    step = whole and checkpoint >= 0
     if not (named or step):
         raise ConfigError(
             f"checkpoint={checkpoint!r}: use 'best' (lowest validation loss), 'last' or a step "
             "number"
         )
-    return checkpoint
+    return int(checkpoint) if step else checkpoint
 
 
 def restore_variables(
@@ -331,7 +334,6 @@ def load_model(
     None: the run's `evaluate.checkpoint` (the best unless its recipe says otherwise); the
     packaged model is one checkpoint and takes None only.
     """
-    checkpoint = check_checkpoint(checkpoint)
     if str(path) == "pretrained":
         if checkpoint is not None:
             raise ConfigError(
@@ -339,6 +341,7 @@ def load_model(
                 "run's last): leave checkpoint out"
             )
         return load_pretrained(tta=tta)
+    checkpoint = check_checkpoint(checkpoint)
     path = Path(path).expanduser()
     if workdirs.is_cv_workdir(path):
         return load_ensemble(path, tta=tta, checkpoint=checkpoint)

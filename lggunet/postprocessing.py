@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from lggunet.errors import InputError
+from lggunet.errors import ConfigError, InputError
+from lggunet.inputs import check_threshold
 
 
 def largest_component(masks: np.ndarray) -> np.ndarray:
@@ -51,17 +52,28 @@ def postprocess(masks: np.ndarray, largest: bool = False, min_voxels: int = 0) -
     return largest_component(masks) if largest else masks
 
 
+def check_flag(value, name: str) -> bool:
+    """`value` as a bool (True/False, NumPy's included); InputError naming `name` otherwise
+    (a string such as 'False' would otherwise count as true)."""
+    if not isinstance(value, bool | np.bool_):
+        raise InputError(f"{name}={value!r} must be True or False")
+    return bool(value)
+
+
 def recipe_settings(model: Any) -> tuple[float, bool, int]:
     """(threshold, largest_component, min_component_voxels) that `model`'s recipe predicts
     with: its training config's `predict.*` (an ensemble's first member's); (0.5, False, 0)
-    for a model built without a config."""
+    for a model built without a config. ConfigError when the config holds unusable values."""
     member = model.members[0] if hasattr(model, "members") else model
     config = getattr(member, "config", None)
     predict = config.get("predict") if config is not None else None
     if predict is None:
         return 0.5, False, 0
-    return (
-        float(predict.get("threshold", 0.5)),
-        bool(predict.get("largest_component", False)),
-        int(predict.get("min_component_voxels", 0)),
-    )
+    try:
+        return (
+            check_threshold(predict.get("threshold", 0.5)),
+            check_flag(predict.get("largest_component", False), "largest_component"),
+            check_min_voxels(predict.get("min_component_voxels", 0)),
+        )
+    except InputError as e:
+        raise ConfigError(f"the model's recipe (its config's predict.*): {e}") from None

@@ -6,7 +6,8 @@ patients of the Kaggle LGG set (docs/model_card.md). No training, no network:
 
 Its weights are one msgpack file (float32) beside a JSON file holding the run's config, the
 checkpoint's record and the weights' SHA-256, checked at every load. `python -m
-lggunet.export_model WORKDIR` writes both from a finished run's best checkpoint.
+lggunet.export_model WORKDIR` writes both from the checkpoint a finished run chose
+(`evaluate.checkpoint`; the last for `configs/cpu.py`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Every shipped config passes the checks, and the CPU recipe has the size it says."""
 
 import jax
+import ml_collections
 import pytest
 
 from lggunet import configuration, steps
@@ -66,6 +67,19 @@ def test_every_ranged_field_refuses_values_outside_its_range(field):
     _set(config, field, float("nan"))
     with pytest.raises(configuration.ConfigError, match=f"{field}=nan must be a number"):
         configuration.check(config)
+
+
+def test_a_count_that_is_not_a_whole_number_is_refused_naming_the_saved_file(tmp_path):
+    tree = unet.get_config().to_dict()
+    tree["predict"]["min_component_voxels"] = 7.5  # as a hand-edited config.json could say
+    config = ml_collections.ConfigDict(tree)
+    with pytest.raises(configuration.ConfigError) as e:
+        configuration.check_saved(config, tmp_path / "config.json")
+    message = str(e.value)
+    assert "config.json" in message and "min_component_voxels=7.5 must be a whole number" in message
+    tree["predict"]["min_component_voxels"] = 7.0  # not silently 7 either
+    with pytest.raises(configuration.ConfigError, match="must be a whole number"):
+        configuration.check_saved(ml_collections.ConfigDict(tree), tmp_path / "config.json")
 
 
 def test_learning_rate_schedule_fields_are_checked():

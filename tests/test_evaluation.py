@@ -9,9 +9,9 @@ import pytest
 from scipy.spatial.distance import cdist
 
 import lggunet
-from lggunet import postprocessing, report, steps, volume_metrics
+from lggunet import inference, postprocessing, report, steps, volume_metrics
 from lggunet.configs import demo
-from lggunet.errors import InputError
+from lggunet.errors import ConfigError, InputError
 
 
 def surface_points(mask):
@@ -146,6 +146,34 @@ def test_predict_follows_the_models_recipe_unless_told_otherwise():
     # A model without a recipe: p > 0.5, nothing filtered.
     model.config = None
     np.testing.assert_array_equal(lggunet.predict(images, model), (probs > 0.5).astype(np.uint8))
+
+
+def test_a_recipe_or_argument_that_cannot_work_is_refused_not_coerced():
+    probs = np.full((2, 4, 4), 0.7, np.float32)
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    for bad in ({"threshold": None}, {"threshold": "0.3"}, {"threshold": 1.5},
+                {"min_component_voxels": -5}, {"min_component_voxels": 2.5},
+                {"largest_component": "false"}):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"the model's recipe \(its config's predict"):
+            lggunet.predict(images, RecipeModel(probs, **bad))
+    model = RecipeModel(probs)
+    for bad in ("False", "no", 1):
+        with pytest.raises(InputError, match="largest_connected_component=.* True or False"):
+            lggunet.predict(images, model, largest_connected_component=bad)
+    np.testing.assert_array_equal(
+        lggunet.predict(images, model, largest_connected_component=np.bool_(False)),
+        np.ones((2, 4, 4), np.uint8),
+    )
+
+
+def test_checkpoint_names_and_numpy_step_numbers_are_accepted():
+    assert inference.check_checkpoint(None) is None
+    assert inference.check_checkpoint("last") == "last"
+    step = inference.check_checkpoint(np.int64(1386))  # e.g. read from a record with NumPy
+    assert step == 1386 and type(step) is int
+    for bad in ("latest", -1, True, 2.0):
+        with pytest.raises(ConfigError, match="use 'best'"):
+            inference.check_checkpoint(bad)
 
 
 def fixed_model(probs: np.ndarray) -> steps.Weights:

@@ -30,7 +30,7 @@ def test_the_packaged_model_loads_with_its_recipe():
     assert "pretrained" in repr(model) and "1.94M parameters" in repr(model)
     assert len(repr(model)) < 300  # a summary, not the weights
     assert lggunet.load_model("pretrained", tta=False).tta is False
-    for checkpoint in ("best", "last", 0):
+    for checkpoint in ("best", "last", 0, "latest"):
         with pytest.raises(ConfigError, match="packaged model is one checkpoint"):
             lggunet.load_model("pretrained", checkpoint=checkpoint)
     size = (pretrained.DIRECTORY / pretrained.WEIGHTS).stat().st_size
