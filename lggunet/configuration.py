@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 4  # `config_version` of configs written by this lggunet
+VERSION = 5  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -51,6 +51,7 @@ ADDED = {
     "warmup_epochs": (4, 0.0),
     "evaluate.checkpoint": (4, "best"),
     "predict.min_component_voxels": (4, 0),
+    "model.output_bias": (5, 0.0),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -64,6 +65,7 @@ RANGES = {
     "num_epochs": (1, 100_000, True),
     "learning_rate": (0, 10, False),
     "warmup_epochs": (0, 100_000, True),
+    "model.output_bias": (-20, 20, True),
     "log_every_steps": (1, None, True),
     "summary_images": (0, 64, True),
     "summary_every_epochs": (1, None, True),

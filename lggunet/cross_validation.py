@@ -28,7 +28,7 @@ from absl import logging
 from lggunet import configuration, dataset, files, kaggle3m, report, report_files, splits, workdirs
 from lggunet.errors import ConfigError
 
-DONE_FILE = "fold_done.json"
+DONE_FILE = workdirs.FOLD_DONE_FILE
 MISS = 0.1  # a patient whose per-volume Dice is below this counts as missed
 VARIANT_COLUMNS = {"plain": "dice", "tta": "dice_tta", "lcc": "dice_lcc", "tta+lcc": "dice_tta_lcc"}
 BOOTSTRAP_SAMPLES = 10_000

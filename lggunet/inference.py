@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from lggunet import configuration, kaggle3m, models, normalization, postprocessing, steps, workdirs
 from lggunet.checkpointing import CheckpointStore
@@ -316,6 +317,12 @@ def load_ensemble(
                 f"{fold_dir}: fold {k} of {folds} has no checkpoints yet; finish the "
                 f"cross-validation (rerun its training command) or load one fold's folder"
             )
+        if not (fold_dir / workdirs.FOLD_DONE_FILE).is_file():
+            raise ConfigError(
+                f"{fold_dir}: fold {k} of {folds} is not finished (no "
+                f"{workdirs.FOLD_DONE_FILE}: still training, or stopped); finish the "
+                "cross-validation (rerun its training command) or load one fold's folder"
+            )
         members.append(load_model(fold_dir, tta=tta, checkpoint=checkpoint))
     return Ensemble(members)
 
@@ -352,7 +359,22 @@ def load_model(
             f"{workdir}: no {configuration.CONFIG_FILE} (runs from before it was written): "
             "use inference.model_from_config(config, checkpoints_dir) with the training config"
         )
-    return model_from_config(config, checkpoints, tta=tta, checkpoint=checkpoint)
+    return _warn_if_unfinished(
+        workdir, model_from_config(config, checkpoints, tta=tta, checkpoint=checkpoint)
+    )
+
+
+def _warn_if_unfinished(workdir: Path, model: Model) -> Model:
+    """`model`, after a warning when its run has not finished (still training, or stopped):
+    its checkpoints are then those of a model half-way through its schedule."""
+    if not workdirs.finished(workdir):
+        logging.warning(
+            "%s: training has not finished (no %s): using checkpoint %s of an unfinished run",
+            workdir,
+            workdirs.FINAL_METRICS_FILE,
+            model.step,
+        )
+    return model
 
 
 def load_model_for(
@@ -364,4 +386,4 @@ def load_model_for(
         return load_ensemble(workdir, tta=tta)
     workdir, checkpoints = workdirs.find_checkpoints(workdir)
     saved = configuration.saved_config(workdir) or configuration.upgrade(config)
-    return model_from_config(saved, checkpoints, tta=tta)
+    return _warn_if_unfinished(workdir, model_from_config(saved, checkpoints, tta=tta))

@@ -17,6 +17,7 @@ class ConvBlock(nn.Module):
     batch_norm: bool = True
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
+    output_bias: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -78,6 +79,9 @@ class UNet(nn.Module):
     precision. Dropout (rate `dropout`) is applied to the bottleneck when training.
     `bn_momentum` is the weight of the old value in BatchNorm's running statistics (Keras:
     0.99, a memory of ~100 steps; flax's default 0.9 follows the weights more closely).
+    `output_bias` is the initial bias of the output logit: 0 (p = 0.5 everywhere at the start,
+    as Keras) or a prior such as -4 (p ~ 0.018, near the share of tumour pixels), which spares
+    the first steps of unlearning p = 0.5 on the background (Lin et al. 2017, RetinaNet).
     """
 
     features: int = 64
@@ -86,6 +90,7 @@ class UNet(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
+    output_bias: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -110,7 +115,8 @@ class UNet(nn.Module):
             x = up(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
             x = block(width)(x, train)
-        logits = nn.Conv(1, (1, 1), dtype=self.dtype)(x)
+        bias_init = nn.initializers.constant(self.output_bias)
+        logits = nn.Conv(1, (1, 1), dtype=self.dtype, bias_init=bias_init)(x)
         return logits.astype(jnp.float32)
 
 
@@ -122,6 +128,7 @@ def create(config: ml_collections.ConfigDict) -> UNet:
         batch_norm=config.model.batch_norm,
         dropout=config.model.dropout,
         bn_momentum=config.model.bn_momentum,
+        output_bias=float(config.model.output_bias),
         dtype=jnp.dtype(config.dtype),
     )
 

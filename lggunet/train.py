@@ -376,7 +376,9 @@ def _final_evaluation(run: _Run) -> dict:
             )
             _log("%s", history.final_line(meta["epoch"], split, final[split], chosen))
     if run.main:
-        files.write_atomic(run.workdir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+        files.write_atomic(
+            run.workdir / workdirs.FINAL_METRICS_FILE, json.dumps(final, indent=2) + "\n"
+        )
     summaries.draw_final(  # a collective: every process runs it
         run.steps.predict, state, feed, run.mesh, run.workdir, run.config.summary_images
     )

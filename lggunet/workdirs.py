@@ -28,6 +28,8 @@ from lggunet.errors import ConfigError, LggUnetError
 
 LOCK_FILE = ".lock"
 SPLITS_FILE = "splits.json"
+FINAL_METRICS_FILE = "final_metrics.json"  # written when a run has finished
+FOLD_DONE_FILE = "fold_done.json"  # written when a fold has been trained and scored
 UNSEEN = "unseen"
 # Fields a resumed run may change: none of them alters what was trained so far.
 FREE_FIELDS = (
@@ -264,6 +266,12 @@ def is_cv_workdir(path: str | Path) -> bool:
     if config is None:
         return False
     return int(config.data.cv_folds) > 1 and int(config.data.cv_fold) < 0
+
+
+def finished(workdir: str | Path) -> bool:
+    """True once a training run has ended (trained, or stopped early) and written its final
+    metrics; False while it trains, or after it was interrupted."""
+    return (Path(workdir) / FINAL_METRICS_FILE).is_file()
 
 
 def fold_workdir(workdir: str | Path, fold: int) -> Path:

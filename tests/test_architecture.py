@@ -193,13 +193,14 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     tree = config.to_dict()
     del tree["config_version"], tree["model"]["bn_momentum"], tree["data"]["cv_folds"]
     del tree["data"]["cv_fold"], tree["augment"]["intensity"], tree["lr_schedule"]
-    del tree["warmup_epochs"]
+    del tree["warmup_epochs"], tree["model"]["output_bias"]
     (tmp_path / "config.json").write_text(json.dumps(tree))
     old = configuration.saved_config(tmp_path)
     assert old.config_version == configuration.VERSION
     assert (old.model.bn_momentum, old.data.cv_folds, old.data.cv_fold) == (0.99, 0, -1)
     assert old.augment.intensity is False
     assert old.lr_schedule == "plateau"  # how runs before the field trained
+    assert old.model.output_bias == 0.0
     configuration.check(old)
     tree["config_version"] = configuration.VERSION + 1
     (tmp_path / "config.json").write_text(json.dumps(tree))

@@ -119,8 +119,13 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
         cross_validation.write_report(workdir)
     table.write_text(kept)
 
-    # A fold without checkpoints (unfinished) stops the ensemble with a clear message; the
-    # other fold still loads on its own.
+    # A fold still training (checkpoints, but not done) or without checkpoints stops the
+    # ensemble with a clear message; the other fold still loads on its own.
+    done = workdir / "fold_1" / cross_validation.DONE_FILE
+    done.rename(workdir / "fold_1" / "aside.json")
+    with pytest.raises(ConfigError, match="fold 1 of 2 is not finished"):
+        inference.load_model(workdir)
+    (workdir / "fold_1" / "aside.json").rename(done)
     (workdir / "fold_1" / "checkpoints").rename(workdir / "fold_1" / "moved")
     with pytest.raises(ConfigError, match="fold 1 of 2 has no checkpoints"):
         inference.load_model(workdir)

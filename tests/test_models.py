@@ -161,3 +161,29 @@ def test_batchnorm_running_mean_follows_momentum(momentum):
     ) + np.asarray(conv["bias"])
     running = updated["batch_stats"]["ConvBlock_0"]["BatchNorm_0"]["mean"]
     np.testing.assert_allclose(running, (1 - momentum) * out.mean(axis=(0, 1, 2)), atol=1e-5)
+
+
+def test_output_bias_sets_the_initial_logit_prior():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+    plain = models.UNet(features=4, depth=2)
+    prior = models.UNet(features=4, depth=2, output_bias=-4.0)
+    v0 = plain.init(jax.random.key(0), x)
+    v1 = prior.init(jax.random.key(0), x)
+    head = [k for k in v1["params"] if k.startswith("Conv_")]
+    assert len(head) == 1  # the 1x1 output convolution
+    np.testing.assert_array_equal(v0["params"][head[0]]["bias"], [0.0])
+    np.testing.assert_array_equal(v1["params"][head[0]]["bias"], [-4.0])
+    # Same other weights (same key), so the logits differ by exactly the bias.
+    np.testing.assert_allclose(prior.apply(v1, x), plain.apply(v0, x) - 4.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [float("nan"), float("inf"), 25.0])
+def test_output_bias_out_of_range_is_refused(bias):
+    from lggunet import configuration
+    from lggunet.configs import demo
+    from lggunet.errors import ConfigError
+
+    config = demo.get_config()
+    config.model.output_bias = bias
+    with pytest.raises(ConfigError, match="model.output_bias"):
+        configuration.check(config)

@@ -4,6 +4,7 @@ rerunning continues and ends exactly where an uninterrupted run ends. Also NaN a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from lggunet import checkpointing, history, losses, parallel, steps, train
+from lggunet import checkpointing, history, inference, losses, parallel, steps, train
 from lggunet.configs import demo
 from lggunet.errors import TrainingDiverged
 
@@ -79,7 +80,7 @@ def latest_state(workdir, data_dir):
     return jax.device_get({"params": state.params, "stats": state.batch_stats}), meta, state
 
 
-def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
+def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path, caplog):
     data_dir = tmp_path / "tfds"
     whole = start(tmp_path / "whole", data_dir)
     out, _ = whole.communicate(timeout=600)
@@ -103,6 +104,12 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
     _, meta, _ = latest_state(tmp_path / "cut", data_dir)
     assert meta["epoch"] == 2 and 0 < meta["position"] < steps_per_epoch, meta  # mid-epoch
     assert not (tmp_path / "cut" / "final_metrics.json").exists()
+    # Loading the stopped run's model works, with a warning that names it unfinished.
+    with caplog.at_level(logging.WARNING):
+        stopped = inference.load_model(tmp_path / "cut", checkpoint="last")
+    assert stopped.step == meta["step"]
+    warned = f"has not finished (no final_metrics.json): using checkpoint {stopped.step} "
+    assert warned in caplog.text
 
     # The checkpoints resume only with the same settings (here: the same batches).
     other = subprocess.run(
@@ -120,6 +127,10 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
     assert f"Resumed in epoch 2 after {meta['position']} batches" in out
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        inference.load_model(tmp_path / "cut", checkpoint="last")
+    assert "has not finished" not in caplog.text
 
     a, meta_a, _ = latest_state(tmp_path / "whole", data_dir)
     b, meta_b, _ = latest_state(tmp_path / "cut", data_dir)
