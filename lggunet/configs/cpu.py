@@ -52,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluate.checkpoint = "last"
     config.loss = "bce_dice"
     config.log_every_steps = 20
-    config.early_stopping.patience = 10
+    # Off: the cosine schedule fixes the run's length and the last checkpoint is kept. With
+    # patience 10, 22-epoch folds stopped at epochs 18-19, mid-schedule (RESULTS.md, session 9);
+    # at 11 epochs it could never end a run before its last epoch.
+    config.early_stopping.patience = 0
     config.data.image_size = 128
     config.data.normalize = "brain_zscore"
     config.data.cv_folds = 5
