@@ -3,9 +3,13 @@ TTA, LCC, TTA + LCC) the mean per-volume Dice of each, the paired difference B -
 bootstrap CI over patients, how many patients B scores better / worse, and B's misses.
 
     python bench/compare_cv.py runs/cv_a runs/cv_b
+    python bench/compare_cv.py runs/cv_a runs/cv_b --finished-folds   # B still training
 
 Reads each workdir's cv_patients.csv (written by the cross-validation); refuses two runs whose
-patients or folds differ, since then the pairs would not be the same held-out patients.
+patients or folds differ, since then the pairs would not be the same held-out patients. With
+--finished-folds it reads instead the test patients of every fold that both runs have finished
+(a fold_done.json), from each fold's report_patients.csv: a look at a cross-validation before
+its last folds are done, said as such in the first line.
 """
 
 from __future__ import annotations
@@ -30,12 +34,38 @@ def read(workdir: Path) -> dict[str, dict[str, str]]:
         return {row["patient"]: row for row in csv.DictReader(f)}
 
 
+def read_finished_folds(workdir: Path, folds: list[int]) -> dict[str, dict[str, str]]:
+    rows = {}
+    for k in folds:
+        with open(workdir / f"fold_{k}" / "report_patients.csv") as f:
+            for row in csv.DictReader(f):
+                if row["split"] == "test":
+                    rows[row["patient"]] = {**row, "fold": str(k)}
+    return rows
+
+
+def finished(workdir: Path) -> set[int]:
+    return {int(p.parent.name[5:]) for p in workdir.glob("fold_*/fold_done.json")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path, help="the baseline cross-validation's workdir")
     parser.add_argument("b", type=Path, help="the one compared with it")
+    parser.add_argument(
+        "--finished-folds",
+        action="store_true",
+        help="compare only the folds both runs have finished (for a run still training)",
+    )
     args = parser.parse_args()
-    a, b = read(args.a), read(args.b)
+    if args.finished_folds:
+        folds = sorted(finished(args.a) & finished(args.b))
+        if not folds:
+            sys.exit(f"{args.a} and {args.b} have no finished fold in common")
+        print(f"Only folds {folds}, the ones both runs have finished.")
+        a, b = read_finished_folds(args.a, folds), read_finished_folds(args.b, folds)
+    else:
+        a, b = read(args.a), read(args.b)
     if set(a) != set(b):
         sys.exit(f"the two runs hold different patients: {sorted(set(a) ^ set(b))}")
     moved = [p for p in a if a[p]["fold"] != b[p]["fold"]]
