@@ -134,3 +134,32 @@ def test_compare_cv_pairs_patients_and_refuses_other_folds(tmp_path):
     cmd[-1] = str(tmp_path / "c")
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert refused.returncode != 0 and "different folds: ['P1']" in refused.stderr
+
+
+def _write_fold(folder, fold, scores, done=True):
+    fold_dir = folder / f"fold_{fold}"
+    fold_dir.mkdir(parents=True)
+    columns = ("dice", "dice_tta", "dice_lcc", "dice_tta_lcc")
+    lines = ["patient,split," + ",".join(columns)]
+    lines.append("VAL,validation," + ",".join("0.0" for _ in columns))  # not a test row
+    lines += [f"{p},test," + ",".join(str(s) for _ in columns) for p, s in scores.items()]
+    (fold_dir / "report_patients.csv").write_text("\n".join(lines) + "\n")
+    if done:
+        (fold_dir / "fold_done.json").write_text("{}\n")
+
+
+def test_compare_cv_finished_folds_pairs_only_folds_both_runs_finished(tmp_path):
+    _write_fold(tmp_path / "a", 0, {"P1": 0.5, "P2": 0.8})
+    _write_fold(tmp_path / "a", 1, {"P3": 0.1})
+    _write_fold(tmp_path / "b", 0, {"P1": 0.7, "P2": 0.7})
+    _write_fold(tmp_path / "b", 1, {"P3": 0.9}, done=False)  # still training: left out
+    cmd = [sys.executable, "bench/compare_cv.py", str(tmp_path / "a"), str(tmp_path / "b")]
+    out = subprocess.run(cmd + ["--finished-folds"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Only folds [0]" in out.stdout and "2 patients" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| plain |"))
+    # Hand-computed over P1, P2: means 0.65 and 0.70, paired difference (0.2 - 0.1) / 2.
+    assert "| 0.6500 | 0.7000 | +0.0500 (" in row and row.endswith("| 1 / 1 | 0.7000 | 0 |")
+    (tmp_path / "a" / "fold_0" / "fold_done.json").unlink()
+    none = subprocess.run(cmd + ["--finished-folds"], cwd=REPO, capture_output=True, text=True)
+    assert none.returncode != 0 and "no finished fold in common" in none.stderr
