@@ -17,7 +17,6 @@ class ConvBlock(nn.Module):
     batch_norm: bool = True
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
-    output_bias: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
