@@ -4,8 +4,10 @@ bootstrap CI over patients, how many patients B scores better / worse, and B's m
 
     python bench/compare_cv.py runs/cv_a runs/cv_b
     python bench/compare_cv.py runs/cv_a runs/cv_b --finished-folds   # B still training
+    python bench/compare_cv.py results/cv_cpu.csv runs/cv_b            # a kept baseline
 
-Reads each workdir's cv_patients.csv (written by the cross-validation); refuses two runs whose
+Reads each workdir's cv_patients.csv (written by the cross-validation), or such a file itself
+(results/ keeps those of the cross-validations RESULTS.md reports); refuses two runs whose
 patients or folds differ, since then the pairs would not be the same held-out patients. With
 --finished-folds it reads instead the test patients of every fold that both runs have finished
 (a fold_done.json), from each fold's report_patients.csv: a look at a cross-validation before
@@ -26,12 +28,16 @@ from lggunet.cross_validation import bootstrap_ci
 VARIANTS = {"plain": "dice", "TTA": "dice_tta", "LCC": "dice_lcc", "TTA + LCC": "dice_tta_lcc"}
 
 
-def read(workdir: Path) -> dict[str, dict[str, str]]:
-    path = workdir / "cv_patients.csv"
+def read(run: Path) -> dict[str, dict[str, str]]:
+    """A cross-validation's patients: its workdir's cv_patients.csv, or that file itself."""
+    path = run if run.is_file() else run / "cv_patients.csv"
     if not path.is_file():
-        sys.exit(f"{path}: not found (is {workdir} a finished cross-validation?)")
+        sys.exit(f"{path}: not found (is {run} a finished cross-validation?)")
     with open(path) as f:
-        return {row["patient"]: row for row in csv.DictReader(f)}
+        rows = {row["patient"]: row for row in csv.DictReader(f)}
+    if not rows or not {"fold", *VARIANTS.values()} <= set(next(iter(rows.values()))):
+        sys.exit(f"{path}: not a cv_patients.csv (no rows, or no fold and Dice columns)")
+    return rows
 
 
 def read_finished_folds(workdir: Path, folds: list[int]) -> dict[str, dict[str, str]]:
@@ -44,13 +50,23 @@ def read_finished_folds(workdir: Path, folds: list[int]) -> dict[str, dict[str, 
     return rows
 
 
-def finished(workdir: Path) -> set[int]:
-    return {int(p.parent.name[5:]) for p in workdir.glob("fold_*/fold_done.json")}
+def finished(run: Path) -> set[int]:
+    if run.is_file():  # a kept cv_patients.csv: every fold in it is finished
+        return {int(row["fold"]) for row in read(run).values()}
+    return {int(p.parent.name[5:]) for p in run.glob("fold_*/fold_done.json")}
+
+
+def read_folds(run: Path, folds: list[int]) -> dict[str, dict[str, str]]:
+    if run.is_file():
+        return {p: row for p, row in read(run).items() if int(row["fold"]) in folds}
+    return read_finished_folds(run, folds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("a", type=Path, help="the baseline cross-validation's workdir")
+    parser.add_argument(
+        "a", type=Path, help="the baseline cross-validation's workdir, or its cv_patients.csv"
+    )
     parser.add_argument("b", type=Path, help="the one compared with it")
     parser.add_argument(
         "--finished-folds",
@@ -63,7 +79,7 @@ def main() -> None:
         if not folds:
             sys.exit(f"{args.a} and {args.b} have no finished fold in common")
         print(f"Only folds {folds}, the ones both runs have finished.")
-        a, b = read_finished_folds(args.a, folds), read_finished_folds(args.b, folds)
+        a, b = read_folds(args.a, folds), read_folds(args.b, folds)
     else:
         a, b = read(args.a), read(args.b)
     if set(a) != set(b):

@@ -163,3 +163,31 @@ def test_compare_cv_finished_folds_pairs_only_folds_both_runs_finished(tmp_path)
     (tmp_path / "a" / "fold_0" / "fold_done.json").unlink()
     none = subprocess.run(cmd + ["--finished-folds"], cwd=REPO, capture_output=True, text=True)
     assert none.returncode != 0 and "no finished fold in common" in none.stderr
+
+
+def test_compare_cv_takes_a_kept_cv_patients_csv_as_baseline(tmp_path):
+    # A kept baseline (results/*.csv) is the cv_patients.csv file itself: P1, P3 in fold 0.
+    _write_cv(tmp_path / "kept", {"P1": 0.5, "P2": 0.8, "P3": 0.1})
+    kept = str(tmp_path / "kept" / "cv_patients.csv")
+    _write_cv(tmp_path / "b", {"P1": 0.7, "P2": 0.7, "P3": 0.4})
+    cmd = [sys.executable, "bench/compare_cv.py", kept, str(tmp_path / "b")]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| plain |"))
+    # Hand-computed: means 0.4667 and 0.6, paired difference (0.2 - 0.1 + 0.3) / 3.
+    assert "| 0.4667 | 0.6000 | +0.1333 (" in row and row.endswith("| 2 / 1 | 0.7000 | 0 |")
+    # B still training, fold 0 finished (P1 0.9, P3 0.2): compared on P1 and P3 only.
+    _write_fold(tmp_path / "c", 0, {"P1": 0.9, "P3": 0.2})
+    _write_fold(tmp_path / "c", 1, {"P2": 0.1}, done=False)
+    partial = [sys.executable, "bench/compare_cv.py", kept, str(tmp_path / "c"), "--finished-folds"]
+    out = subprocess.run(partial, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Only folds [0]" in out.stdout and "2 patients" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| plain |"))
+    # Hand-computed over P1, P3: means 0.30 and 0.55, paired difference (0.4 + 0.1) / 2.
+    assert "| 0.3000 | 0.5500 | +0.2500 (" in row
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient,score\nP1,0.5\n")
+    cmd[2] = str(bad)
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "bad.csv: not a cv_patients.csv" in refused.stderr
