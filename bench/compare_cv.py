@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -28,32 +29,56 @@ from lggunet.cross_validation import bootstrap_ci
 VARIANTS = {"plain": "dice", "TTA": "dice_tta", "LCC": "dice_lcc", "TTA + LCC": "dice_tta_lcc"}
 
 
+def _rows(path: Path, key_columns: set[str]) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        sys.exit(f"{path}: cannot be read ({e})")
+    if not rows or not key_columns | {"dice"} <= set(rows[0]):
+        need = ", ".join(sorted(key_columns | {"dice"}))
+        sys.exit(f"{path}: not a cross-validation's patient table (no rows, or not {need})")
+    return rows
+
+
+def scores(rows: dict[str, dict[str, str]], patients: list[str], column: str) -> np.ndarray:
+    try:
+        return np.array([float(rows[p][column]) for p in patients])
+    except ValueError as e:
+        sys.exit(f"a {column} that is not a number: {e}")
+
+
 def read(run: Path) -> dict[str, dict[str, str]]:
     """A cross-validation's patients: its workdir's cv_patients.csv, or that file itself."""
     path = run if run.is_file() else run / "cv_patients.csv"
     if not path.is_file():
         sys.exit(f"{path}: not found (is {run} a finished cross-validation?)")
-    with open(path) as f:
-        rows = {row["patient"]: row for row in csv.DictReader(f)}
-    if not rows or not {"fold", *VARIANTS.values()} <= set(next(iter(rows.values()))):
-        sys.exit(f"{path}: not a cv_patients.csv (no rows, or no fold and Dice columns)")
-    return rows
+    return {row["patient"]: row for row in _rows(path, {"patient", "fold"})}
 
 
 def read_finished_folds(workdir: Path, folds: list[int]) -> dict[str, dict[str, str]]:
     rows = {}
     for k in folds:
-        with open(workdir / f"fold_{k}" / "report_patients.csv") as f:
-            for row in csv.DictReader(f):
-                if row["split"] == "test":
-                    rows[row["patient"]] = {**row, "fold": str(k)}
+        path = workdir / f"fold_{k}" / "report_patients.csv"
+        if not path.is_file():
+            sys.exit(f"{path}: not found, though fold {k} is marked done")
+        for row in _rows(path, {"patient", "split"}):
+            if row["split"] == "test":
+                rows[row["patient"]] = {**row, "fold": str(k)}
     return rows
 
 
 def finished(run: Path) -> set[int]:
-    if run.is_file():  # a kept cv_patients.csv: every fold in it is finished
+    """The folds of `run` that are done: all of a kept cv_patients.csv's, or a workdir's
+    fold_<k>/ folders that hold a fold_done.json."""
+    if run.is_file():
         return {int(row["fold"]) for row in read(run).values()}
-    return {int(p.parent.name[5:]) for p in run.glob("fold_*/fold_done.json")}
+    if not run.is_dir():
+        sys.exit(f"{run}: not found")
+    folds = [p for p in run.glob("fold_*") if re.fullmatch(r"fold_(0|[1-9][0-9]*)", p.name)]
+    if not folds:
+        sys.exit(f"{run}: not a cross-validation (no fold_<k>/ folders in it)")
+    return {int(p.name[5:]) for p in folds if (p / "fold_done.json").is_file()}
 
 
 def read_folds(run: Path, folds: list[int]) -> dict[str, dict[str, str]]:
@@ -88,12 +113,20 @@ def main() -> None:
     if moved:
         sys.exit(f"the two runs put patients in different folds: {moved[:5]}")
     patients = sorted(a)
-    print(f"{len(patients)} patients; A = {args.a}, B = {args.b}\n")
+    if not patients:
+        sys.exit(f"{args.a} and {args.b}: no test patients to compare")
+    variants = {
+        n: c for n, c in VARIANTS.items() if all(c in r for r in [*a.values(), *b.values()])
+    }
+    print(f"{len(patients)} patients; A = {args.a}, B = {args.b}")
+    left_out = sorted(set(VARIANTS) - set(variants))
+    if left_out:
+        print(f"Not scored in both runs, so not compared: {', '.join(left_out)}")
+    print()
     print("| variant | A mean | B mean | B - A (95% CI) | B better / worse | B median | B missed |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, column in VARIANTS.items():
-        va = np.array([float(a[p][column]) for p in patients])
-        vb = np.array([float(b[p][column]) for p in patients])
+    for name, column in variants.items():
+        va, vb = scores(a, patients, column), scores(b, patients, column)
         d = vb - va
         lo, hi = bootstrap_ci(d)
         print(
@@ -101,9 +134,10 @@ def main() -> None:
             f"{hi:+.4f}) | {(d > 1e-9).sum()} / {(d < -1e-9).sum()} | {np.median(vb):.4f} | "
             f"{(vb < 0.1).sum()} |"
         )
-    column = VARIANTS["TTA"]
+    shown = "TTA" if "TTA" in variants else "plain"
+    column = VARIANTS[shown]
     d = {p: float(b[p][column]) - float(a[p][column]) for p in patients}
-    print("\nLargest changes with TTA (B - A):")
+    print(f"\nLargest changes, {shown} (B - A):")
     for p in sorted(patients, key=lambda p: -abs(d[p]))[:8]:
         print(f"  {p}: {float(a[p][column]):.3f} -> {float(b[p][column]):.3f} ({d[p]:+.3f})")
 

@@ -103,20 +103,24 @@ RANGES = {
 WHOLE_NUMBERS = frozenset({"evaluate.detection_min_pixels", "predict.min_component_voxels"})
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str):
+_MISSING = object()
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str, default=None):
     node = config
     for part in dotted.split("."):
-        if part not in node:
-            return None
+        if not hasattr(node, "keys") or part not in node:
+            return default
         node = node[part]
     return node
 
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:
-    """ConfigError for the first numeric field out of its range (RANGES), naming it."""
+    """ConfigError for the first numeric field out of its range (RANGES), naming it. Fields
+    the config lacks (a saved config of an older version, before `upgrade`) are skipped."""
     for field, (low, high, inclusive) in RANGES.items():
-        value = _get(config, field)
-        if value is None:
+        value = _get(config, field, _MISSING)
+        if value is _MISSING:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             raise ConfigError(f"{field}={value!r} must be a number")

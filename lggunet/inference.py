@@ -308,10 +308,22 @@ def load_ensemble(
             f"checkpoint={checkpoint!r}: an ensemble takes 'best' or 'last' of each fold"
         )
     workdir = Path(workdir).expanduser()
+    if not workdirs.is_cv_workdir(workdir):
+        raise ConfigError(
+            f"{workdir}: not a cross-validation workdir (no config.json with data.cv_folds >= 2 "
+            "and fold_<k>/ folders); load one run with load_model"
+        )
     folds = workdirs.cv_folds_of(workdir)
     members = []
     for k in range(folds):
         fold_dir = workdirs.fold_workdir(workdir, k)
+        done = fold_dir / workdirs.FOLD_DONE_FILE
+        if done.is_file() and not workdirs.has_checkpoints(fold_dir):
+            raise ConfigError(
+                f"{fold_dir}: fold {k} of {folds} is marked done ({done.name}) but has no "
+                f"checkpoints (deleted or moved): put them back, or delete {done} and rerun "
+                "the training command to train that fold again"
+            )
         if not (fold_dir / "checkpoints").is_dir():
             raise ConfigError(
                 f"{fold_dir}: fold {k} of {folds} has no checkpoints yet; finish the "
@@ -359,12 +371,12 @@ def load_model(
             f"{workdir}: no {configuration.CONFIG_FILE} (runs from before it was written): "
             "use inference.model_from_config(config, checkpoints_dir) with the training config"
         )
-    return _warn_if_unfinished(
+    return warn_if_unfinished(
         workdir, model_from_config(config, checkpoints, tta=tta, checkpoint=checkpoint)
     )
 
 
-def _warn_if_unfinished(workdir: Path, model: Model) -> Model:
+def warn_if_unfinished(workdir: Path, model: Model) -> Model:
     """`model`, after a warning when its run has not finished (still training, or stopped):
     its checkpoints are then those of a model half-way through its schedule."""
     if not workdirs.finished(workdir):
@@ -386,4 +398,4 @@ def load_model_for(
         return load_ensemble(workdir, tta=tta)
     workdir, checkpoints = workdirs.find_checkpoints(workdir)
     saved = configuration.saved_config(workdir) or configuration.upgrade(config)
-    return _warn_if_unfinished(workdir, model_from_config(saved, checkpoints, tta=tta))
+    return warn_if_unfinished(workdir, model_from_config(saved, checkpoints, tta=tta))

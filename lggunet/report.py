@@ -238,6 +238,7 @@ def _header(workdir, meta, builder, run_config, record, config) -> dict:
             "epoch": meta.get("epoch"),
             "val_loss": meta.get("val_loss"),
             "chosen": run_config.evaluate.checkpoint,
+            "run_finished": workdirs.finished(workdir),
         },
         "data": {
             "source": builder.info.metadata["source"],
@@ -272,8 +273,11 @@ def evaluate_run(
     configuration.check(config)
     workdir, checkpoints = workdirs.find_checkpoints(workdir)
     run_config = configuration.for_evaluation(configuration.saved_config(workdir), config)
-    model = inference.model_from_config(
-        run_config, checkpoints, checkpoint=run_config.evaluate.checkpoint
+    model = inference.warn_if_unfinished(
+        workdir,
+        inference.model_from_config(
+            run_config, checkpoints, checkpoint=run_config.evaluate.checkpoint
+        ),
     )
     record = workdirs.recorded_splits(workdir)
     builder = _prepare_for(run_config, record)

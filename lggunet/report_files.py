@@ -83,6 +83,12 @@ def markdown(report: dict) -> str:
         f"{report['data']['split']}.",
         "",
     ]
+    if ck.get("run_finished") is False:
+        lines += [
+            "**Training has not finished** (no final_metrics.json: still training, or "
+            "stopped): this is a checkpoint of an unfinished run.",
+            "",
+        ]
     data = report["data"]
     if data.get("trained_on") and data["trained_on_fingerprint"] != data["fingerprint"]:
         lines += [

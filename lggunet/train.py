@@ -155,6 +155,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     main = parallel.is_main_process()
     if main:
         workdirs.check_resumable(config, workdir, configuration.CONFIG_FILE)
+        # Training again (e.g. resumed with more epochs): unfinished until the final metrics
+        # are written anew, so a stop half-way is not taken for the earlier finished run.
+        (workdir / workdirs.FINAL_METRICS_FILE).unlink(missing_ok=True)
     builder = dataset.prepare(config.data)
     if main:
         workdirs.record_or_check_splits(workdir, dict(builder.info.metadata))

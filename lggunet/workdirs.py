@@ -115,9 +115,12 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> new' for every field outside FREE_FIELDS that differs (fields the
-    saved config lacks, from an older lggunet, are not compared)."""
+    """'field: saved -> new' for every field outside FREE_FIELDS that differs. A field the
+    saved config lacks (an older lggunet) counts as the value such runs used
+    (`configuration.ADDED`); other fields it lacks are not compared."""
     before, now = _flat(saved), _flat(_as_json(config))
+    for field, (_, value) in configuration.ADDED.items():
+        before.setdefault(field, value)
     free = FREE_FIELDS
     if now.get("lr_schedule") == "cosine":  # the cosine schedule's length is num_epochs
         free = tuple(f for f in FREE_FIELDS if f != "num_epochs")
@@ -270,8 +273,10 @@ def is_cv_workdir(path: str | Path) -> bool:
 
 def finished(workdir: str | Path) -> bool:
     """True once a training run has ended (trained, or stopped early) and written its final
-    metrics; False while it trains, or after it was interrupted."""
-    return (Path(workdir) / FINAL_METRICS_FILE).is_file()
+    metrics (or, a fold, been marked done); False while it trains, after it was interrupted,
+    and while a finished run is trained further."""
+    workdir = Path(workdir)
+    return (workdir / FINAL_METRICS_FILE).is_file() or (workdir / FOLD_DONE_FILE).is_file()
 
 
 def fold_workdir(workdir: str | Path, fold: int) -> Path:

@@ -202,6 +202,11 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     assert old.lr_schedule == "plateau"  # how runs before the field trained
     assert old.model.output_bias == 0.0
     configuration.check(old)
+    tree["model"]["output_bias"] = None  # present but not a number: refused, not a traceback
+    (tmp_path / "config.json").write_text(json.dumps(tree))
+    with pytest.raises(ConfigError, match="not a usable saved config .model.output_bias=None"):
+        configuration.saved_config(tmp_path)
+    del tree["model"]["output_bias"]
     tree["config_version"] = configuration.VERSION + 1
     (tmp_path / "config.json").write_text(json.dumps(tree))
     with pytest.raises(ConfigError, match="newer than this lggunet"):

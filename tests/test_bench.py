@@ -190,4 +190,7 @@ def test_compare_cv_takes_a_kept_cv_patients_csv_as_baseline(tmp_path):
     bad.write_text("patient,score\nP1,0.5\n")
     cmd[2] = str(bad)
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert refused.returncode != 0 and "bad.csv: not a cv_patients.csv" in refused.stderr
+    assert (
+        refused.returncode != 0
+        and "bad.csv: not a cross-validation's patient table" in refused.stderr
+    )

@@ -127,9 +127,15 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
         inference.load_model(workdir)
     (workdir / "fold_1" / "aside.json").rename(done)
     (workdir / "fold_1" / "checkpoints").rename(workdir / "fold_1" / "moved")
+    with pytest.raises(ConfigError, match="fold 1 of 2 is marked done .* delete .*fold_done"):
+        inference.load_model(workdir)  # rerunning alone would skip the fold: say what to do
+    done.rename(workdir / "fold_1" / "aside.json")
     with pytest.raises(ConfigError, match="fold 1 of 2 has no checkpoints"):
         inference.load_model(workdir)
+    (workdir / "fold_1" / "aside.json").rename(done)
     assert isinstance(inference.load_model(workdir / "fold_0"), inference.Model)
+    with pytest.raises(ConfigError, match="fold_0: not a cross-validation workdir"):
+        inference.load_ensemble(workdir / "fold_0")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,17 @@ import jax
 import numpy as np
 import pytest
 
-from lggunet import checkpointing, history, inference, losses, parallel, steps, train
+from lggunet import (
+    checkpointing,
+    history,
+    inference,
+    losses,
+    parallel,
+    report,
+    steps,
+    train,
+    workdirs,
+)
 from lggunet.configs import demo
 from lggunet.errors import TrainingDiverged
 
@@ -155,6 +165,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
     config.batch_size = 8
     workdir = tmp_path / "run"
     state_1, _ = train.run_training(config, str(workdir))
+    assert workdirs.finished(workdir)
     steps_per_epoch = int(state_1.step)
     good = jax.device_get(state_1.params)
 
@@ -166,6 +177,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
     with pytest.raises(TrainingDiverged, match=f"loss is nan at step {steps_per_epoch + 1}"):
         train.run_training(config, str(workdir))
     monkeypatch.undo()
+    # Trained further and stopped: no longer taken for the finished 1-epoch run.
+    assert not workdirs.finished(workdir)
+    report.evaluate_run(config, workdir, splits=("validation",))
+    assert "**Training has not finished**" in (workdir / "report.md").read_text()
     store = checkpointing.CheckpointStore(workdir / "checkpoints")
     assert store.latest_step() == steps_per_epoch  # nothing was saved after the NaN
     restored, meta = store.restore_latest(state_1)

@@ -125,13 +125,19 @@ def test_resuming_on_data_that_splits_otherwise_is_refused(
 
 def test_config_differences_ignore_free_fields_and_fields_older_runs_lack(tiny_config):
     saved = json.loads(tiny_config.to_json_best_effort())
-    del saved["model"]["bn_momentum"]  # an older lggunet had no such field
+    # Fields an older lggunet had not: they compare as the values such runs trained with.
+    del saved["model"]["bn_momentum"], saved["model"]["output_bias"]
+    del saved["data"]["split_seed"]  # not a field added later (configuration.ADDED): skipped
     config = type(tiny_config)(tiny_config.to_dict())
     config.num_epochs = 50
     config.predict.threshold = 0.3
     config.data.manual_dir = "/elsewhere"
-    config.model.bn_momentum = 0.9
+    config.data.split_seed = 7
+    assert (config.model.bn_momentum, config.model.output_bias) == (0.99, 0.0)
     assert workdirs.config_differences(saved, config) == []
+    config.model.output_bias = -4.0  # the old run's model started from bias 0
+    assert workdirs.config_differences(saved, config) == ["model.output_bias: 0.0 -> -4.0"]
+    config.model.output_bias = 0.0
     config.data.image_size = 64
     config.augment.enabled = not config.augment.enabled
     assert workdirs.config_differences(saved, config) == [
