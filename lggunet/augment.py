@@ -21,6 +21,7 @@ the same output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -121,13 +122,15 @@ def warp(image: jax.Array, matrix: jax.Array, order: int = 1) -> jax.Array:
 
 
 def augment_example(
-    key: jax.Array, image: jax.Array, mask: jax.Array, params: AugmentParams
+    key: jax.Array, image: jax.Array, mask: jax.Array, params: AugmentParams, soft: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """One (H, W, C) image and its (H, W, 1) mask under one random transform."""
+    """One (H, W, C) image and its (H, W, 1) mask under one random transform; the warped
+    mask is thresholded at 0.5 unless `soft` (then float32, bilinear at the edges)."""
     t = random_transform(key, params)
     matrix = transform_matrix(t, image.shape[0], image.shape[1])
     image = warp(image, matrix)
-    mask = (warp(mask.astype(jnp.float32), matrix) > 0.5).astype(mask.dtype)
+    warped = warp(mask.astype(jnp.float32), matrix)
+    mask = warped if soft else (warped > 0.5).astype(mask.dtype)
     image = jnp.where(t["flip"], image[:, ::-1], image)
     mask = jnp.where(t["flip"], mask[:, ::-1], mask)
     if params.intensity is not None:
@@ -139,8 +142,13 @@ def augment_example(
 
 
 def augment_batch(
-    key: jax.Array, images: jax.Array, masks: jax.Array, params: AugmentParams
+    key: jax.Array,
+    images: jax.Array,
+    masks: jax.Array,
+    params: AugmentParams,
+    soft: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """vmapped `augment_example`: one independent transform per example, keyed by `key`."""
     keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(augment_example, in_axes=(0, 0, 0, None))(keys, images, masks, params)
+    one = functools.partial(augment_example, params=params, soft=soft)
+    return jax.vmap(one)(keys, images, masks)

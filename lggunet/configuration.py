@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 5  # `config_version` of configs written by this lggunet
+VERSION = 6  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -52,6 +52,7 @@ ADDED = {
     "evaluate.checkpoint": (4, "best"),
     "predict.min_component_voxels": (4, 0),
     "model.output_bias": (5, 0.0),
+    "soft_targets": (6, False),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")

@@ -116,18 +116,19 @@ def normalized(batch: Batch, normalize: str) -> jax.Array:
 
 
 def preprocess(
-    batch: Batch, image_size: int, normalize: str = "scale"
+    batch: Batch, image_size: int, normalize: str = "scale", soft: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """uint8 batch -> (normalised float32 images, masks in {0, 1} float32, weights), resized
-    to `image_size` (images bilinear, masks bilinear then thresholded at 0.5): what the
-    network trains on."""
+    """uint8 batch -> (normalised float32 images, masks float32, weights), resized to
+    `image_size` (images bilinear, masks bilinear, then thresholded at 0.5 into {0, 1}
+    unless `soft`): what the network trains on."""
     images = normalized(batch, normalize)
     masks = batch["mask"].astype(jnp.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:
         b = images.shape[0]
         images = jax.image.resize(images, (b, image_size, image_size, 3), "linear")
         masks = jax.image.resize(masks, (b, image_size, image_size, 1), "linear")
-        masks = (masks >= 0.5).astype(jnp.float32)
+        if not soft:
+            masks = (masks >= 0.5).astype(jnp.float32)
     return images, masks, batch["valid"].astype(jnp.float32)
 
 
@@ -169,6 +170,7 @@ class StepOptions:
     augment: augment_lib.AugmentParams | None = None  # None: no augmentation
     tta: bool = False  # evaluation: average with the horizontally flipped prediction
     cosine: CosineSchedule | None = None  # training: the rate per step (None: plateau's)
+    soft_targets: bool = False  # masks resized / warped without thresholding at 0.5
 
     @classmethod
     def from_config(
@@ -189,6 +191,7 @@ class StepOptions:
             augment=augment_params(config),
             tta=tta,
             cosine=cosine,
+            soft_targets=bool(config.soft_targets),
         )
 
 
@@ -240,10 +243,14 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on one (augmented) batch; returns the new state and the batch's notebook
     metrics (at the network's resolution). `rng` drives augmentation and dropout."""
-    images, masks, weights = preprocess(batch, options.image_size, options.normalize)
+    images, masks, weights = preprocess(
+        batch, options.image_size, options.normalize, options.soft_targets
+    )
     augment_rng, dropout_rng = jax.random.split(rng)
     if options.augment is not None:
-        images, masks = augment_lib.augment_batch(augment_rng, images, masks, options.augment)
+        images, masks = augment_lib.augment_batch(
+            augment_rng, images, masks, options.augment, soft=options.soft_targets
+        )
     loss_fn = losses.get_loss(options.loss)
 
     def compute_loss(params):

@@ -49,6 +49,21 @@ def test_warp_matches_scipy_affine_transform():
     )
 
 
+def test_soft_masks_are_warped_like_the_image_and_not_thresholded():
+    mask = np.zeros((3, 24, 24, 1), np.float32)
+    mask[:, 6:18, 8:14] = 1.0
+    params = AugmentParams(rotation_range=30.0)  # rotation only: no flip, no shift
+    key = jax.random.key(4)
+    _, soft = augment.augment_batch(key, jnp.asarray(mask), jnp.asarray(mask), params, soft=True)
+    _, binary = augment.augment_batch(key, jnp.asarray(mask), jnp.asarray(mask), params)
+    for i, k in enumerate(jax.random.split(key, 3)):
+        theta = float(augment.random_transform(k, params)["theta"])
+        ref = keras_apply(mask[i], keras_matrix(theta, 0, 0, 0, 1, 1, 24, 24))
+        np.testing.assert_allclose(soft[i], ref, atol=2e-5)  # scipy's bilinear warp
+        np.testing.assert_array_equal(binary[i], (np.asarray(soft[i]) > 0.5).astype(np.float32))
+    assert np.any((np.asarray(soft) > 0.05) & (np.asarray(soft) < 0.95))  # soft edges kept
+
+
 def test_zero_ranges_are_identity_bit_for_bit():
     rng = np.random.default_rng(1)
     images = jnp.asarray(rng.random((3, 16, 16, 3)).astype(np.float32))

@@ -44,6 +44,19 @@ def test_resize_keeps_masks_binary_and_aligned():
     np.testing.assert_array_equal(masks, expected)
 
 
+def test_soft_targets_keep_the_bilinear_edge_of_a_downsized_mask():
+    batch = make_batch(np.random.default_rng(5), size=16)
+    batch["mask"][:] = 0
+    batch["mask"][:, :, :8] = 1  # a vertical edge between columns 7 and 8
+    _, binary, _ = steps.preprocess(batch, 8, "scale")
+    _, soft, _ = steps.preprocess(batch, 8, "scale", soft=True)
+    # By hand: halving with the bilinear (triangle) kernel weighs input columns 2j-1..2j+2 by
+    # 1/8, 3/8, 3/8, 1/8, so output column 3 holds 7/8 of the mask and column 4 1/8.
+    row = np.array([1, 1, 1, 0.875, 0.125, 0, 0, 0])
+    np.testing.assert_allclose(soft[:, :, :, 0], np.broadcast_to(row, (2, 8, 8)), atol=1e-6)
+    np.testing.assert_array_equal(binary[:, :, :, 0], np.broadcast_to(row >= 0.5, (2, 8, 8)))
+
+
 def test_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match="normalize"):
         steps.preprocess(make_batch(np.random.default_rng(3)), 16, "minmax")
