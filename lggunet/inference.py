@@ -316,25 +316,7 @@ def load_ensemble(
     folds = workdirs.cv_folds_of(workdir)
     members = []
     for k in range(folds):
-        fold_dir = workdirs.fold_workdir(workdir, k)
-        done = fold_dir / workdirs.FOLD_DONE_FILE
-        if done.is_file() and not workdirs.has_checkpoints(fold_dir):
-            raise ConfigError(
-                f"{fold_dir}: fold {k} of {folds} is marked done ({done.name}) but has no "
-                f"checkpoints (deleted or moved): put them back, or delete {done} and rerun "
-                "the training command to train that fold again"
-            )
-        if not (fold_dir / "checkpoints").is_dir():
-            raise ConfigError(
-                f"{fold_dir}: fold {k} of {folds} has no checkpoints yet; finish the "
-                f"cross-validation (rerun its training command) or load one fold's folder"
-            )
-        if not (fold_dir / workdirs.FOLD_DONE_FILE).is_file():
-            raise ConfigError(
-                f"{fold_dir}: fold {k} of {folds} is not finished (no "
-                f"{workdirs.FOLD_DONE_FILE}: still training, or stopped); finish the "
-                "cross-validation (rerun its training command) or load one fold's folder"
-            )
+        fold_dir = workdirs.check_fold_trained(workdir, k, folds)
         members.append(load_model(fold_dir, tta=tta, checkpoint=checkpoint))
     return Ensemble(members)
 

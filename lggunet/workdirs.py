@@ -282,3 +282,25 @@ def finished(workdir: str | Path) -> bool:
 def fold_workdir(workdir: str | Path, fold: int) -> Path:
     """Where fold `fold` of a cross-validation run trains."""
     return Path(workdir) / f"fold_{fold}"
+
+
+def check_fold_trained(workdir: Path, k: int, folds: int) -> Path:
+    """Fold `k`'s folder, once trained and scored (its fold_done.json) with its checkpoints;
+    else ConfigError saying what to do (an ensemble must not take a half-trained fold)."""
+    fold_dir = fold_workdir(workdir, k)
+    done = fold_dir / FOLD_DONE_FILE
+    again = "finish the cross-validation (rerun its training command) or load one fold's folder"
+    if done.is_file() and not has_checkpoints(fold_dir):
+        raise ConfigError(
+            f"{fold_dir}: fold {k} of {folds} is marked done ({done.name}) but has no "
+            f"checkpoints (deleted or moved): put them back, or delete {done} and rerun "
+            "the training command to train that fold again"
+        )
+    if not (fold_dir / "checkpoints").is_dir():
+        raise ConfigError(f"{fold_dir}: fold {k} of {folds} has no checkpoints yet; {again}")
+    if not done.is_file():
+        raise ConfigError(
+            f"{fold_dir}: fold {k} of {folds} is not finished (no {FOLD_DONE_FILE}: still "
+            f"training, or stopped); {again}"
+        )
+    return fold_dir
