@@ -26,6 +26,8 @@ import numpy as np
 
 from lggunet.cross_validation import bootstrap_ci
 
+# Differences below this are ties (a kept table holds 6 decimals).
+TIE = 1e-5
 VARIANTS = {"plain": "dice", "TTA": "dice_tta", "LCC": "dice_lcc", "TTA + LCC": "dice_tta_lcc"}
 
 
@@ -131,7 +133,7 @@ def main() -> None:
         lo, hi = bootstrap_ci(d)
         print(
             f"| {name} | {va.mean():.4f} | {vb.mean():.4f} | {d.mean():+.4f} ({lo:+.4f} to "
-            f"{hi:+.4f}) | {(d > 1e-9).sum()} / {(d < -1e-9).sum()} | {np.median(vb):.4f} | "
+            f"{hi:+.4f}) | {(d > TIE).sum()} / {(d < -TIE).sum()} | {np.median(vb):.4f} | "
             f"{(vb < 0.1).sum()} |"
         )
     shown = "TTA" if "TTA" in variants else "plain"
