@@ -128,6 +128,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[Train
 def _train(config: ml_collections.ConfigDict, workdir: Path) -> tuple[TrainState, dict]:
     run = _set_up(config, workdir)
     _restore(run)
+    if run.main and run.start_epoch <= config.num_epochs:  # trains further (e.g. more epochs):
+        # unfinished until its final metrics are written anew, not the earlier finished run.
+        (workdir / workdirs.FINAL_METRICS_FILE).unlink(missing_ok=True)
     try:
         with StopRequest() as stop:
             run.clock.start(run.host_step)  # for images/s and the ETA
@@ -155,9 +158,6 @@ def _set_up(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     main = parallel.is_main_process()
     if main:
         workdirs.check_resumable(config, workdir, configuration.CONFIG_FILE)
-        # Training again (e.g. resumed with more epochs): unfinished until the final metrics
-        # are written anew, so a stop half-way is not taken for the earlier finished run.
-        (workdir / workdirs.FINAL_METRICS_FILE).unlink(missing_ok=True)
     builder = dataset.prepare(config.data)
     if main:
         workdirs.record_or_check_splits(workdir, dict(builder.info.metadata))

@@ -167,6 +167,16 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
     state_1, _ = train.run_training(config, str(workdir))
     assert workdirs.finished(workdir)
     steps_per_epoch = int(state_1.step)
+
+    def broken(run):
+        raise RuntimeError("stopped before writing the final metrics")
+
+    # A rerun that trains nothing more leaves the finished run finished, even if it fails.
+    monkeypatch.setattr(train, "_final_evaluation", broken)
+    with pytest.raises(RuntimeError, match="before writing"):
+        train.run_training(config, str(workdir))
+    monkeypatch.undo()
+    assert workdirs.finished(workdir)
     good = jax.device_get(state_1.params)
 
     def nan_loss(logits, masks, weights=None):
