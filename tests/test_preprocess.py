@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lggunet import steps, train
+from lggunet import losses, steps, train
 
 
 def make_batch(rng, n=2, size=16):
@@ -78,3 +78,25 @@ def test_train_step_augments_with_the_step_key(tiny_config):
     config.augment.enabled = True
     config.augment.preset = "buda2019"
     assert steps.StepOptions.from_config(config).augment.rotation_range == 15.0
+
+
+def test_train_step_trains_on_soft_targets_when_asked(tiny_config):
+    config = tiny_config  # 32x32 inputs
+    config.augment.enabled = False
+    state = steps.create_train_state(config, jax.random.key(0))
+    batch = make_batch(np.random.default_rng(6), n=4, size=48)  # resized to 32: soft edges
+    binary = steps.StepOptions.from_config(config)
+    config.soft_targets = True
+    soft = steps.StepOptions.from_config(config)
+    assert soft.soft_targets and not binary.soft_targets
+    # The loss of the first step, on the targets each option resizes to.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    for options, mask_soft in ((binary, False), (soft, True)):
+        images, masks, weights = steps.preprocess(batch, 32, options.normalize, soft=mask_soft)
+        logits = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])[0]
+        expected = losses.get_loss(options.loss)(logits, masks, weights)
+        _, out = train.train_step(state, batch, jax.random.key(1), options)
+        np.testing.assert_allclose(out["loss"], expected, rtol=1e-5)
+    _, out_binary = train.train_step(state, batch, jax.random.key(1), binary)
+    _, out_soft = train.train_step(state, batch, jax.random.key(1), soft)
+    assert abs(float(out_binary["loss"]) - float(out_soft["loss"])) > 1e-4
