@@ -16,21 +16,23 @@ import argparse
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lggunet
+from lggunet import steps
 
 
 def round_trip(masks: np.ndarray, size: int, binary: bool = True) -> np.ndarray:
     """(D, H, W) {0, 1} -> the same masks after SIZE x SIZE and back, as lggunet.steps does
     (`binary`: the small masks thresholded, as the training targets are)."""
     d, h, w = masks.shape
-    x = jnp.asarray(masks, jnp.float32)[..., None]
-    small = jax.image.resize(x, (d, size, size, 1), "linear")
-    if binary:
-        small = (small >= 0.5).astype(jnp.float32)
-    back = jax.image.resize(small, (d, h, w, 1), "linear")
+    batch = {
+        "image": np.zeros((d, h, w, 3), np.uint8),
+        "mask": masks[..., None],
+        "valid": np.ones(d, bool),
+    }
+    _, small, _ = steps.preprocess(batch, size, "scale", soft=not binary)  # training's resize
+    back = jax.image.resize(small, (d, h, w, 1), "linear")  # as steps.probabilities
     return np.asarray(back[..., 0] > 0.5, np.uint8)
 
 

@@ -145,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
             continue
         logging.info("Fold %d of %d: training in %s", fold, folds, fold_dir)
         t0 = time.perf_counter()
-        if not (fold_dir / "final_metrics.json").exists():
+        if not (fold_dir / workdirs.FINAL_METRICS_FILE).exists():
             train.train_and_evaluate(fconfig, str(fold_dir))
         report.evaluate_run(fconfig, fold_dir, splits=("validation", "test"))
         record = _fold_record(fconfig, time.perf_counter() - t0)

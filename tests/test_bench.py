@@ -6,6 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+import lggunet
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -194,3 +199,20 @@ def test_compare_cv_takes_a_kept_cv_patients_csv_as_baseline(tmp_path):
         refused.returncode != 0
         and "bad.csv: not a cross-validation's patient table" in refused.stderr
     )
+
+
+def test_resolution_ceiling_round_trip_matches_a_hand_computed_edge():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ceiling", REPO / "bench/resolution_ceiling.py")
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+    masks = np.zeros((1, 16, 16), np.uint8)
+    masks[:, :, :7] = 1  # an edge between columns 6 and 7
+    # By hand, halving to 8 (weights 1/8, 3/8, 3/8, 1/8 over input columns 2j-1..2j+2): small
+    # column 3 holds 1/2. Thresholded (>= 0.5) it is 1, and back at 16 the edge moves to 8:
+    # one column too many per row, Dice 2 * 7 / (7 + 8). Kept soft, the edge comes back at 7.
+    binary = ceiling.round_trip(masks, 8)
+    assert binary[0, 0].tolist() == [1] * 8 + [0] * 8
+    assert lggunet.volume_dice(masks, binary) == pytest.approx(14 / 15)
+    np.testing.assert_array_equal(ceiling.round_trip(masks, 8, binary=False), masks)
