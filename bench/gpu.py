@@ -6,7 +6,10 @@ float32 and bfloat16, and the wall time that implies for one epoch of the full d
 
 The step is lggunet's real train step (augmentation included, as configs/unet.py sets it),
 jit-compiled over all local devices, on a synthetic batch held on the device (the input
-pipeline is measured by bench/loader.py). FLOPs are counted from the step's jaxpr: 2 x output
+pipeline is measured by bench/loader.py). The step time is the mean of `--steps` steps run
+back to back with one wait at the end, as a training loop runs them; the median of steps each
+waited for (`step_ms_synced`) adds the dispatch latency that such a loop overlaps (2.3 ms of
+27.5 on an H200). FLOPs are counted from the step's jaxpr: 2 x output
 elements x contraction length summed over every convolution and matrix product of the forward
 and backward pass (bench/gpu.py's model_flops; XLA's compiled cost analysis gave no usable count
 for cuDNN convolutions on an H100); MFU = FLOPs / step time / the chip's dense peak for that
@@ -109,15 +112,19 @@ def measure(config, steps: int) -> dict:
     for _ in range(3):  # warm-up
         state, out = compiled(state, batch_arrays, rng)
     jax.block_until_ready((state, out))
-    times = []
+    synced = []  # each step waited for: adds the dispatch latency a training loop overlaps
     for _ in range(steps):
         t0 = time.perf_counter()
         state, out = compiled(state, batch_arrays, rng)
         jax.block_until_ready((state, out))
-        times.append(time.perf_counter() - t0)
+        synced.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()  # back to back, one wait at the end: the device's step time
+    for _ in range(steps):
+        state, out = compiled(state, batch_arrays, rng)
+    jax.block_until_ready((state, out))
+    step_s = (time.perf_counter() - t0) / steps
     if not math.isfinite(float(out["loss"])):
         raise RuntimeError(f"loss is {float(out['loss'])} in the benchmark")
-    median = statistics.median(times)
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind, config.dtype)
     n_dev = jax.device_count()
@@ -126,11 +133,12 @@ def measure(config, steps: int) -> dict:
         "dtype": config.dtype,
         "batch": batch,
         "compile_s": compile_s,
-        "step_ms": 1000 * median,
-        "images_per_s": batch / median,
+        "step_ms": 1000 * step_s,
+        "step_ms_synced": 1000 * statistics.median(synced),
+        "images_per_s": batch / step_s,
         "gflop_per_step": flops / 1e9,
-        "mfu": flops / median / (peak * n_dev) if peak and flops else None,
-        "epoch_s": math.ceil(EPOCH_IMAGES / batch) * median,
+        "mfu": flops / step_s / (peak * n_dev) if peak and flops else None,
+        "epoch_s": math.ceil(EPOCH_IMAGES / batch) * step_s,
     }
 
 
