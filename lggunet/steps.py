@@ -217,15 +217,21 @@ class CosineSchedule:
 
 def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
     """The config's augmentation: a named preset (plus the intensity transforms when
-    `augment.intensity` is set), or the Keras-style fields; None if off."""
+    `augment.intensity` is set), or the Keras-style fields; None if off. Intensity transforms
+    take their channel-copy probabilities from `augment.channel_copy_p`."""
     if not config.augment.enabled:
         return None
     if config.augment.preset:
         params = augment_lib.PRESETS[config.augment.preset]
         if config.augment.intensity and params.intensity is None:
             params = dataclasses.replace(params, intensity=augment_lib.IntensityParams())
+    else:
+        params = augment_lib.AugmentParams.from_config(config.augment)
+    if params.intensity is None:
         return params
-    return augment_lib.AugmentParams.from_config(config.augment)
+    p = float(config.augment.channel_copy_p)
+    copies = dataclasses.replace(params.intensity, channel_replace_p=p, single_channel_p=p)
+    return dataclasses.replace(params, intensity=copies)
 
 
 def _batch_metrics(loss, masks, probs, weights) -> dict[str, jax.Array]:

@@ -139,3 +139,25 @@ def test_preset_adds_intensity_to_the_spatial_augmentation_and_leaves_masks_alon
     np.testing.assert_array_equal(a_mask, b_mask)  # same spatial transform, mask untouched
     changed = np.any(np.abs(np.asarray(a_img) - np.asarray(b_img)) > 1e-6, axis=(1, 2, 3))
     assert 0 < changed.sum() < 16  # some examples drew an intensity transform, not all
+
+
+def test_channel_copy_probability_comes_from_the_config():
+    """`augment.channel_copy_p` sets both channel-copy transforms, preset or not, and nothing
+    else; the default is nnU-Net's 0.1, as before the field existed."""
+    from lggunet import steps
+    from lggunet.configs import cpu, unet
+
+    assert steps.augment_params(cpu.get_config()) == augment.PRESETS["buda2019_intensity"]
+    config = cpu.get_config()
+    config.augment.channel_copy_p = 0.4
+    params = steps.augment_params(config).intensity
+    expected = dataclasses.replace(IntensityParams(), channel_replace_p=0.4, single_channel_p=0.4)
+    assert params == expected
+    keys = jax.random.split(jax.random.key(3), 4000)
+    drawn = jax.vmap(lambda k: intensity.draw(k, params))(keys)
+    for flag in ("replace", "single"):
+        assert abs(float(np.mean(drawn[flag])) - 0.4) < 0.03
+    spatial_only = unet.get_config()  # intensity off: the field changes nothing
+    spatial_only.augment.channel_copy_p = 0.9
+    assert steps.augment_params(spatial_only) == steps.augment_params(unet.get_config())
+    assert steps.augment_params(spatial_only).intensity is None

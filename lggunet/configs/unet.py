@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 6  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 7  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -118,6 +118,10 @@ def _augment() -> ml_collections.ConfigDict:
     augment.zoom_range = 0.05  # factors in [1 - z, 1 + z], x and y drawn independently
     augment.horizontal_flip = True
     augment.intensity = False  # nnU-Net-style intensity transforms (lggunet/intensity.py)
+    # With intensity transforms on (this flag or an "_intensity" preset): the probability of
+    # each channel-copy transform (a channel replaced by another; every channel by one), which
+    # mimics scans whose missing sequences were filled with copies. nnU-Net's 0.1.
+    augment.channel_copy_p = 0.1
 
     return augment
 
