@@ -157,6 +157,9 @@ def test_channel_copy_probability_comes_from_the_config():
     drawn = jax.vmap(lambda k: intensity.draw(k, params))(keys)
     for flag in ("replace", "single"):
         assert abs(float(np.mean(drawn[flag])) - 0.4) < 0.03
+    fields = unet.get_config()  # no preset: the Keras-style fields plus `augment.intensity`
+    fields.augment.intensity, fields.augment.channel_copy_p = True, 0.4
+    assert steps.augment_params(fields).intensity == expected
     spatial_only = unet.get_config()  # intensity off: the field changes nothing
     spatial_only.augment.channel_copy_p = 0.9
     assert steps.augment_params(spatial_only) == steps.augment_params(unet.get_config())
