@@ -216,3 +216,41 @@ def test_resolution_ceiling_round_trip_matches_a_hand_computed_edge():
     assert binary[0, 0].tolist() == [1] * 8 + [0] * 8
     assert lggunet.volume_dice(masks, binary) == pytest.approx(14 / 15)
     np.testing.assert_array_equal(ceiling.round_trip(masks, 8, binary=False), masks)
+
+
+def test_profile_gpu_classifies_a_hand_written_gpu_module():
+    """bench/profile_gpu.py puts each launched instruction of a compiled GPU module in its
+    class: cuDNN convolutions by direction, matrix products, reduction and elementwise fusions,
+    copies (lines modelled on an H200's bf16 train step)."""
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    import profile_gpu
+
+    hlo = """HloModule jit_train_fn
+
+%fused_reduce.3 (p: bf16[32,256,256,64]) -> f32[64] {
+  %p = bf16[32,256,256,64]{3,2,1,0} parameter(0)
+  ROOT %reduce.1 = f32[64]{0} reduce(%p, %c), dimensions={0,1,2}, to_apply=%add
+}
+
+ENTRY %main.1 (x: bf16[32,256,256,8]) -> f32[] {
+  %cudnn-conv-bias-activation.57 = (bf16[32,256,256,64]{3,2,1,0}, u8[131]{0}) custom-call(%a, %b, %c), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convBiasActivationForward"
+  %cudnn-conv-bw-input.18 = (bf16[32,256,256,128]{3,2,1,0}, u8[131]{0}) custom-call(%d, %e), custom_call_target="__cudnn$convBackwardInput"
+  %cudnn-conv-bw-filter.35 = (bf16[64,3,3,128]{3,2,1,0}, u8[3834519]{0}) custom-call(%f, %g), custom_call_target="__cudnn$convBackwardFilter"
+  %gemm_fusion_dot.9 = bf16[256,524288]{1,0} fusion(%h, %i), kind=kCustom, calls=%gemm_fusion_dot.9_computation
+  %input_reduce_fusion.30 = f32[64]{0} fusion(%j), kind=kInput, calls=%fused_reduce.3
+  %loop_maximum_fusion = bf16[32,256,256,64]{3,2,1,0} fusion(%k, %l), kind=kLoop, calls=%fused_maximum
+  %copy.467 = f32[3,3,3,64]{3,2,1,0} copy(%m)
+  ROOT %tuple.1 = (f32[]) tuple(%n)
+}
+"""  # noqa: E501 (HLO lines as XLA prints them)
+    classes = profile_gpu.classify(hlo)
+    assert classes["cudnn-conv-bias-activation.57"] == (
+        "conv forward",
+        "(bf16[32,256,256,64]{3,2,1,0}, u8[131]{0})",
+    )
+    assert classes["cudnn-conv-bw-input.18"][0] == "conv input gradient"
+    assert classes["cudnn-conv-bw-filter.35"][0] == "conv weight gradient"
+    assert classes["gemm_fusion_dot.9"][0] == "matrix product"
+    assert classes["input_reduce_fusion.30"][0].startswith("reduction fusion")
+    assert classes["loop_maximum_fusion"][0].startswith("elementwise fusion")
+    assert classes["copy.467"][0] == "copy / transpose"

@@ -187,3 +187,70 @@ def test_output_bias_out_of_range_is_refused(bias):
     config.model.output_bias = bias
     with pytest.raises(ConfigError, match="model.output_bias"):
         configuration.check(config)
+
+
+def test_accelerator_layers_equal_flax_convs():
+    """Conv3x3 (3 channels padded to 8) and PixelLinear (1x1 head as a matrix product) have
+    nn.Conv's parameters (same initial values) and give its result and gradients (float
+    rounding aside)."""
+    import flax.linen as nn
+
+    from lggunet.models import Conv3x3, PixelLinear
+
+    x = jax.random.normal(jax.random.key(1), (2, 6, 5, 3))
+    pairs = [
+        (Conv3x3(4), nn.Conv(4, (3, 3), padding="SAME")),
+        (PixelLinear(1), nn.Conv(1, (1, 1))),
+    ]
+    for ours, reference in pairs:
+        variables = reference.init(jax.random.key(0), x)
+        mine = ours.init(jax.random.key(0), x)
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(variables), strict=True):
+            np.testing.assert_array_equal(a, b)
+        variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (reference.features,))
+        np.testing.assert_allclose(
+            ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+        )
+
+        def loss(module):
+            return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+        g_ref = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+        g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+        for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerator_unet_is_the_same_network():
+    """UNet(accelerator=True) (the GPU layer forms) initialises the same parameters as the CPU
+    form and computes the same logits and parameter gradients from them; `create` leaves it
+    off on the CPU."""
+    from lggunet.configs import unet
+
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    plain = models.UNet(features=4, depth=2)
+    fast = models.UNet(features=4, depth=2, accelerator=True)
+    variables = plain.init(jax.random.key(0), x)
+    for a, b in zip(
+        jax.tree.leaves(fast.init(jax.random.key(0), x)), jax.tree.leaves(variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    def loss(model):
+        def f(params):
+            y, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(jnp.sin(y)), y
+
+        return jax.value_and_grad(f, has_aux=True)(variables["params"])
+
+    (_, y_plain), g_plain = loss(plain)
+    (_, y_fast), g_fast = loss(fast)
+    np.testing.assert_allclose(y_fast, y_plain, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    assert models.create(unet.get_config()).accelerator is (jax.default_backend() != "cpu")
