@@ -15,14 +15,15 @@
 #         immutabledict portpicker importlib-resources etils==1.15.0 protobuf==7.36.2
 #     python3 -m pip wheel --no-deps -w .whl promise==2.3     # sdist only on PyPI
 #
-# then run it there with `.whl` carried:  bash bench/device_check.sh   (about 6 minutes)
+# then run it there with `.whl` carried:  bash bench/device_check.sh   (about 7 minutes)
 #
 # It prints JSON lines (and writes them to $OUT/device_check.jsonl): the device and library
 # versions; the train step's time, images/s and MFU in bfloat16 and float32 at the notebook's
 # size (batch 32, 256x256, base 64); a timed 20-epoch run of configs/gpu.py (bf16, device
 # cache, async checkpoints) on a synthetic phantom of the notebook's size made on the device
 # (3,120 training slices an epoch), with images/s per epoch, the host overhead per step and the
-# extrapolated 100-epoch wall time; and 3 epochs of the same with the grain input pipeline.
+# extrapolated 100-epoch wall time; 3 epochs of the same with the grain input pipeline; and
+# (not with --smoke) bench/profile_gpu.py's split of the bf16 step's kernel time by class.
 # `bash bench/device_check.sh --smoke` runs it at tiny sizes on any machine (CI does).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}
@@ -45,5 +46,9 @@ print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', 
 timeout 480 python3 bench/device_check.py --out="$OUT" "$@" 2>"$OUT/device_check.log" \
   || failed="$failed device_check.py"
 tail -5 "$OUT/device_check.log"
+if [[ " $* " != *" --smoke "* ]]; then  # where the bf16 step's time goes, by kind of kernel
+  timeout 150 python3 bench/profile_gpu.py --out="$OUT/profile" 2>"$OUT/profile.log" \
+    | tee -a "$OUT/device_check.jsonl" || failed="$failed profile_gpu.py"
+fi
 if [ -n "$failed" ]; then echo "device_check FAILED:$failed"; exit 1; fi
 echo "device_check done"
