@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 7  # `config_version` of configs written by this lggunet
+VERSION = 8  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -54,6 +54,7 @@ ADDED = {
     "model.output_bias": (5, 0.0),
     "soft_targets": (6, False),
     "augment.channel_copy_p": (7, 0.1),
+    "augment.intensity_p_scale": (8, 1.0),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -91,6 +92,7 @@ RANGES = {
     "augment.shear_range": (0, 90, True),
     "augment.zoom_range": (0, 1, False),
     "augment.channel_copy_p": (0, 1, True),
+    "augment.intensity_p_scale": (0, 10, True),
     "evaluate.detection_min_pixels": (0, None, True),
     "predict.threshold": (0, 1, False),
     "predict.pixel_spacing_mm": (0, 100, True),

@@ -215,10 +215,15 @@ class CosineSchedule:
         return jnp.where(step < self.warmup_steps, self.peak * (step + 1) / warmup, cosine)
 
 
+# The intensity transforms whose probabilities `augment.intensity_p_scale` multiplies.
+INTENSITY_P_SCALED = ("noise_p", "blur_p", "brightness_p", "scale_p", "contrast_p", "gamma_p")
+
+
 def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
     """The config's augmentation: a named preset (plus the intensity transforms when
     `augment.intensity` is set), or the Keras-style fields; None if off. Intensity transforms
-    take their channel-copy probabilities from `augment.channel_copy_p`."""
+    take their channel-copy probabilities from `augment.channel_copy_p`, and the others'
+    are multiplied by `augment.intensity_p_scale` (capped at 1)."""
     if not config.augment.enabled:
         return None
     if config.augment.preset:
@@ -230,8 +235,11 @@ def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentPara
     if params.intensity is None:
         return params
     p = float(config.augment.channel_copy_p)
-    copies = dataclasses.replace(params.intensity, channel_replace_p=p, single_channel_p=p)
-    return dataclasses.replace(params, intensity=copies)
+    scale = float(config.augment.intensity_p_scale)
+    base = params.intensity
+    scaled = {f: min(1.0, scale * getattr(base, f)) for f in INTENSITY_P_SCALED}
+    intensity = dataclasses.replace(base, channel_replace_p=p, single_channel_p=p, **scaled)
+    return dataclasses.replace(params, intensity=intensity)
 
 
 def _batch_metrics(loss, masks, probs, weights) -> dict[str, jax.Array]:

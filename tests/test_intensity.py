@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from lggunet import augment, intensity
@@ -164,3 +165,37 @@ def test_channel_copy_probability_comes_from_the_config():
     spatial_only.augment.channel_copy_p = 0.9
     assert steps.augment_params(spatial_only) == steps.augment_params(unet.get_config())
     assert steps.augment_params(spatial_only).intensity is None
+
+
+def test_intensity_probability_scale_multiplies_the_other_transforms():
+    """`augment.intensity_p_scale` multiplies the probabilities of noise, blur, brightness,
+    scaling, contrast and gamma (nnU-Net's 0.1, 0.2, 0.15, 0.15, 0.15, 0.3), capped at 1,
+    leaves the channel copies and every range alone, and shows in the drawn frequencies; a
+    negative factor is refused."""
+    from lggunet import configuration, steps
+    from lggunet.configs import cpu
+    from lggunet.errors import ConfigError
+
+    config = cpu.get_config()
+    config.augment.intensity_p_scale = 2.0
+    params = steps.augment_params(config).intensity
+    expected = dataclasses.replace(
+        IntensityParams(),
+        noise_p=0.2,
+        blur_p=0.4,
+        brightness_p=0.3,
+        scale_p=0.3,
+        contrast_p=0.3,
+        gamma_p=0.6,
+    )
+    assert params == expected
+    keys = jax.random.split(jax.random.key(5), 4000)
+    drawn = jax.vmap(lambda k: intensity.draw(k, params))(keys)
+    for flag, p in (("gamma", 0.6), ("blur", 0.4), ("noise", 0.2), ("replace", 0.1)):
+        assert abs(float(np.mean(drawn[flag])) - p) < 0.03, flag
+    config.augment.intensity_p_scale = 4.0
+    capped = steps.augment_params(config).intensity
+    assert (capped.gamma_p, capped.blur_p, capped.noise_p) == (1.0, 0.8, 0.4)
+    config.augment.intensity_p_scale = -1.0
+    with pytest.raises(ConfigError, match="intensity_p_scale"):
+        configuration.check(config)

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 7  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 8  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -122,6 +122,10 @@ def _augment() -> ml_collections.ConfigDict:
     # each channel-copy transform (a channel replaced by another; every channel by one), which
     # mimics scans whose missing sequences were filled with copies. nnU-Net's 0.1.
     augment.channel_copy_p = 0.1
+    # With intensity transforms on: a factor on the probabilities of the others (noise, blur,
+    # brightness, whole-scan scaling, contrast, gamma), each capped at 1. 1 keeps nnU-Net's
+    # probabilities; 2 doubles them (a heavier augmentation, for data from many scanners).
+    augment.intensity_p_scale = 1.0
 
     return augment
 
