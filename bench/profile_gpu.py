@@ -10,8 +10,9 @@ cuDNN convolutions by direction (forward, input gradient, weight gradient), matr
 reduction fusions (BatchNorm statistics and their gradients, the loss), elementwise fusions
 (BatchNorm apply, ReLU, pooling, concatenation, Adam), copies and transposes, and the rest.
 Prints one JSON line with each class's share of kernel time and ms per step, the busy fraction
-of the step (kernel time / wall time), the top instructions, and the step timed without
-BatchNorm (the model's `batch_norm=False`) to show what normalisation costs. Writes the
+of the step (kernel time / wall time), the top instructions, the step timed with
+`model.gpu_layers="off"` (the CPU's layer forms, to compare) and without BatchNorm (the
+model's `batch_norm=False`, a diagnostic) to show what normalisation costs. Writes the
 compiled HLO text and a per-instruction table (CSV) to --out for reading afterwards.
 XLA launches most fusions as CUDA graphs ("command buffers"), which the trace charges to the
 graph; run with XLA_FLAGS=--xla_gpu_enable_command_buffer= to split them by instruction.
@@ -45,7 +46,7 @@ _CONV_TARGETS = {
 def classify(hlo: str) -> dict[str, tuple[str, str]]:
     """instruction name -> (class, result shape) for every instruction of the compiled module."""
     bodies = {}
-    for m in re.finditer(r"^%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M):
+    for m in re.finditer(r"^%?([\w.\-]+) [^\n]*?\{\n(.*?)\n\}", hlo, re.S | re.M):
         bodies[m.group(1)] = m.group(2)
     classes = {}
     pattern = r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?|\(.*?\)) ([\w\-]+)\("
@@ -62,9 +63,16 @@ def classify(hlo: str) -> dict[str, tuple[str, str]]:
             cls = _CONV_TARGETS[target.group(1)]
         elif op == "convolution" or " convolution(" in body:
             cls = "conv (XLA or fused)"
-        elif op in ("dot", "custom-call") or " dot(" in body or "gemm" in name:
+        elif (
+            op == "dot"
+            or " dot(" in body
+            or "gemm" in name
+            or (target and re.search("gemm|blas", target.group(1), re.I))
+        ):
             cls = "matrix product"
-        elif op == "fusion" and kind and kind.group(1) == "kInput" or " reduce(" in body:
+        elif op == "custom-call":
+            cls = f"other (custom-call {target.group(1) if target else '?'})"
+        elif op == "fusion" and ((kind and kind.group(1) == "kInput") or " reduce(" in body):
             cls = "reduction fusion (BN statistics and gradients, loss)"
         elif op == "fusion":
             cls = "elementwise fusion (BN apply, ReLU, pool, concat, Adam)"
@@ -76,12 +84,12 @@ def classify(hlo: str) -> dict[str, tuple[str, str]]:
     return classes
 
 
-def _config(args, batch_norm: bool = True):
+def _config(args, batch_norm: bool = True, gpu_layers: str = "auto"):
     from lggunet.configs import unet
 
     config = unet.get_config()
     config.dtype, config.batch_size = args.dtype, args.batch
-    config.model.batch_norm = batch_norm
+    config.model.batch_norm, config.model.gpu_layers = batch_norm, gpu_layers
     if args.smoke:
         config.data.image_size, config.model.features, config.batch_size = 32, 4, 4
     return config
@@ -132,6 +140,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import jax
     from jax.profiler import ProfileData
+
+    from lggunet import models
 
     config = _config(args)
     compiled, state, batch, rng, flops = _compiled(config)
@@ -186,6 +196,10 @@ def main() -> None:
 
     no_bn = _compiled(_config(args, batch_norm=False))
     no_bn_s, _ = _time(*no_bn[:4], 4 * args.steps)
+    no_bn_flops = no_bn[4]
+    del no_bn
+    plain = _compiled(_config(args, gpu_layers="off"))  # the CPU's layer forms, to compare
+    plain_s, _ = _time(*plain[:4], 4 * args.steps)
     device = jax.devices()[0]
     peak = gpu.peak_flops(device.device_kind, config.dtype)
     print(
@@ -207,8 +221,10 @@ def main() -> None:
                 if kernel_ns
                 else {},
                 "top": [[r[0], r[1], r[2], round(r[3], 3)] for r in rows[:12]],
+                "gpu_layers": models.gpu_layers(config),
+                "step_ms_gpu_layers_off": round(1000 * plain_s, 2),
                 "step_ms_without_batchnorm": round(1000 * no_bn_s, 2),
-                "mfu_without_batchnorm": no_bn[4] / no_bn_s / peak if peak else None,
+                "mfu_without_batchnorm": no_bn_flops / no_bn_s / peak if peak else None,
                 "trace_lines": sorted(set(lines_seen))[:20],
             }
         ),

@@ -55,10 +55,12 @@ ADDED = {
     "soft_targets": (6, False),
     "augment.channel_copy_p": (7, 0.1),
     "augment.intensity_p_scale": (8, 1.0),
+    "model.gpu_layers": (8, "off"),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("plateau", "cosine")
+GPU_LAYERS = ("auto", "on", "off")  # model.gpu_layers
 
 
 # field -> (lowest, highest, whether the bounds themselves are allowed): numbers outside
@@ -201,6 +203,10 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss={config.loss!r}: choose one of {sorted(LOSSES)}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype={config.dtype!r}: use one of {list(DTYPES)}")
+    if config.model.gpu_layers not in GPU_LAYERS:
+        raise ConfigError(
+            f"model.gpu_layers={config.model.gpu_layers!r}: use one of {list(GPU_LAYERS)}"
+        )
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
     if config.lr_schedule not in LR_SCHEDULES:

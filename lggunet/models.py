@@ -9,40 +9,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-
-class Conv3x3(nn.Module):
-    """`nn.Conv(features, (3, 3), padding="SAME")` (same parameters and result) with its
-    input channels (and the kernel's with them) zero-padded to a multiple of
-    `channel_multiple`: the zeros add nothing to any sum. cuDNN ran the U-Net's first
-    convolution, 3 channels in bfloat16, at ~18 TFLOP/s on an H200 (0.63 ms of a 25 ms step
-    with its weight gradient, bench/profile_gpu.py); tensor-core kernels want multiples of 8."""
-
-    features: int
-    channel_multiple: int = 8
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cin = x.shape[-1]
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features), jnp.float32
-        )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        pad = -cin % self.channel_multiple
-        if pad:
-            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad)))
-            kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        y = jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return y + bias
+from lggunet.errors import ConfigError
 
 
 class PixelLinear(nn.Module):
     """The 1x1 convolution `nn.Conv(features, (1, 1))` (same parameters and result) as a
     matrix product over channels. cuDNN spent 0.65 ms of a 25 ms H200 step (forward and
-    gradients) on the U-Net's 0.3-GFLOP output layer with its single output channel."""
+    gradients) on the U-Net's 0.3-GFLOP output layer with its single output channel; as a
+    product, XLA takes ~0.08 ms (bench/profile_gpu.py)."""
 
     features: int
     dtype: Any = jnp.float32
@@ -58,26 +32,17 @@ class PixelLinear(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Two 3x3 convolutions, each followed by BatchNorm (optional) and ReLU. With
-    `accelerator`, an input whose channels are not a multiple of 8 goes through `Conv3x3`
-    (same parameters and result, faster on a GPU)."""
+    """Two 3x3 convolutions, each followed by BatchNorm (optional) and ReLU."""
 
     features: int
     batch_norm: bool = True
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
-    accelerator: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        for i in range(2):
-            if self.accelerator and x.shape[-1] % 8:
-                conv = Conv3x3(self.features, 8, self.dtype, name=f"Conv_{i}")
-            else:
-                conv = nn.Conv(
-                    self.features, (3, 3), padding="SAME", dtype=self.dtype, name=f"Conv_{i}"
-                )
-            x = conv(x)
+        for _ in range(2):
+            x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
             if self.batch_norm:
                 # Keras's epsilon 1e-3 and (by default) momentum 0.99, as in the notebook.
                 x = nn.BatchNorm(
@@ -137,10 +102,10 @@ class UNet(nn.Module):
     `output_bias` is the initial bias of the output logit: 0 (p = 0.5 everywhere at the start,
     as Keras) or a prior such as -4 (p ~ 0.018, near the share of tumour pixels), which spares
     the first steps of unlearning p = 0.5 on the background (Lin et al. 2017, RetinaNet).
-    `accelerator` picks layer forms that are fast on a GPU (`Conv3x3` for the 3-channel
-    input, `PixelLinear` for the output layer): same parameters, the same result up to float
-    rounding; `create` sets it when JAX's default backend is not the CPU, and leaves it off
-    there so CPU runs stay bit-identical to earlier versions.
+    `accelerator` picks the layer forms a GPU runs faster (`PixelLinear` for the output
+    layer): same parameters, the same result up to float rounding. `create` sets it from
+    `model.gpu_layers` ("auto": where JAX's default backend is not the CPU, so CPU runs stay
+    bit-identical to earlier versions).
     """
 
     features: int = 64
@@ -159,7 +124,7 @@ class UNet(nn.Module):
         x = x.astype(self.dtype)
 
         def block(width: int) -> ConvBlock:
-            return ConvBlock(width, self.batch_norm, self.dtype, self.bn_momentum, self.accelerator)
+            return ConvBlock(width, self.batch_norm, self.dtype, self.bn_momentum)
 
         skips = []
         for level in range(self.depth):
@@ -193,8 +158,17 @@ def create(config: ml_collections.ConfigDict) -> UNet:
         bn_momentum=config.model.bn_momentum,
         output_bias=float(config.model.output_bias),
         dtype=jnp.dtype(config.dtype),
-        accelerator=jax.default_backend() != "cpu",
+        accelerator=gpu_layers(config),
     )
+
+
+def gpu_layers(config: ml_collections.ConfigDict) -> bool:
+    """Whether the U-Net uses its GPU layer forms: `model.gpu_layers` "on", or "auto" (the
+    default) where JAX's default backend is not the CPU."""
+    choice = config.model.get("gpu_layers", "auto")
+    if choice not in ("auto", "on", "off"):
+        raise ConfigError(f'model.gpu_layers={choice!r}: use one of ["auto", "on", "off"]')
+    return choice == "on" or (choice == "auto" and jax.default_backend() != "cpu")
 
 
 def abstract_variables(config: ml_collections.ConfigDict) -> dict:

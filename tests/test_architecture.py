@@ -195,6 +195,7 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     del tree["data"]["cv_fold"], tree["augment"]["intensity"], tree["lr_schedule"]
     del tree["warmup_epochs"], tree["model"]["output_bias"], tree["soft_targets"]
     del tree["augment"]["channel_copy_p"], tree["augment"]["intensity_p_scale"]
+    del tree["model"]["gpu_layers"]
     (tmp_path / "config.json").write_text(json.dumps(tree))
     old = configuration.saved_config(tmp_path)
     assert old.config_version == configuration.VERSION
@@ -205,6 +206,7 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     assert old.soft_targets is False  # binary targets, as runs trained before the field
     assert old.augment.channel_copy_p == 0.1  # nnU-Net's, fixed before the field
     assert old.augment.intensity_p_scale == 1.0  # nnU-Net's probabilities, as before
+    assert old.model.gpu_layers == "off"  # the layer forms of runs before the field
     configuration.check(old)
     tree["model"]["output_bias"] = None  # present but not a number: refused, not a traceback
     (tmp_path / "config.json").write_text(json.dumps(tree))

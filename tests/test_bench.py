@@ -221,9 +221,13 @@ def test_resolution_ceiling_round_trip_matches_a_hand_computed_edge():
 def test_profile_gpu_classifies_a_hand_written_gpu_module():
     """bench/profile_gpu.py puts each launched instruction of a compiled GPU module in its
     class: cuDNN convolutions by direction, matrix products, reduction and elementwise fusions,
-    copies (lines modelled on an H200's bf16 train step)."""
+    copies (lines modelled on an H200's bf16 train step). The first computation's body is
+    found (a loop fusion calling it is a reduction); an unknown custom call is no product."""
     sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-    import profile_gpu
+    try:
+        import profile_gpu
+    finally:
+        del sys.path[:2]
 
     hlo = """HloModule jit_train_fn
 
@@ -238,6 +242,9 @@ ENTRY %main.1 (x: bf16[32,256,256,8]) -> f32[] {
   %cudnn-conv-bw-filter.35 = (bf16[64,3,3,128]{3,2,1,0}, u8[3834519]{0}) custom-call(%f, %g), custom_call_target="__cudnn$convBackwardFilter"
   %gemm_fusion_dot.9 = bf16[256,524288]{1,0} fusion(%h, %i), kind=kCustom, calls=%gemm_fusion_dot.9_computation
   %input_reduce_fusion.30 = f32[64]{0} fusion(%j), kind=kInput, calls=%fused_reduce.3
+  %loop_reduce_fusion = f32[64]{0} fusion(%j), kind=kLoop, calls=%fused_reduce.3
+  %custom-call.108 = (bf16[524288,128]{1,0}, s8[33554432]{0}) custom-call(%o, %q), custom_call_target="__cublas$lt$matmul"
+  %custom-call.9 = u32[4]{0} custom-call(%r), custom_call_target="cu_threefry2x32"
   %loop_maximum_fusion = bf16[32,256,256,64]{3,2,1,0} fusion(%k, %l), kind=kLoop, calls=%fused_maximum
   %copy.467 = f32[3,3,3,64]{3,2,1,0} copy(%m)
   ROOT %tuple.1 = (f32[]) tuple(%n)
@@ -252,5 +259,8 @@ ENTRY %main.1 (x: bf16[32,256,256,8]) -> f32[] {
     assert classes["cudnn-conv-bw-filter.35"][0] == "conv weight gradient"
     assert classes["gemm_fusion_dot.9"][0] == "matrix product"
     assert classes["input_reduce_fusion.30"][0].startswith("reduction fusion")
+    assert classes["loop_reduce_fusion"][0].startswith("reduction fusion")
+    assert classes["custom-call.108"][0] == "matrix product"
+    assert classes["custom-call.9"][0] == "other (custom-call cu_threefry2x32)"
     assert classes["loop_maximum_fusion"][0].startswith("elementwise fusion")
     assert classes["copy.467"][0] == "copy / transpose"

@@ -173,7 +173,7 @@ def test_intensity_probability_scale_multiplies_the_other_transforms():
     leaves the channel copies and every range alone, and shows in the drawn frequencies; a
     negative factor is refused."""
     from lggunet import configuration, steps
-    from lggunet.configs import cpu
+    from lggunet.configs import cpu, unet
     from lggunet.errors import ConfigError
 
     config = cpu.get_config()
@@ -193,9 +193,23 @@ def test_intensity_probability_scale_multiplies_the_other_transforms():
     drawn = jax.vmap(lambda k: intensity.draw(k, params))(keys)
     for flag, p in (("gamma", 0.6), ("blur", 0.4), ("noise", 0.2), ("replace", 0.1)):
         assert abs(float(np.mean(drawn[flag])) - p) < 0.03, flag
+    config.augment.intensity_p_scale = 3.0
+    tripled = steps.augment_params(config).intensity
+    assert (tripled.gamma_p, tripled.blur_p) == pytest.approx((0.9, 0.6))  # below the cap
     config.augment.intensity_p_scale = 4.0
     capped = steps.augment_params(config).intensity
-    assert (capped.gamma_p, capped.blur_p, capped.noise_p) == (1.0, 0.8, 0.4)
-    config.augment.intensity_p_scale = -1.0
-    with pytest.raises(ConfigError, match="intensity_p_scale"):
-        configuration.check(config)
+    assert (capped.gamma_p, capped.blur_p, capped.noise_p) == pytest.approx((1.0, 0.8, 0.4))
+    assert capped.gamma_range == IntensityParams().gamma_range
+    fields = unet.get_config()  # no preset: the Keras-style fields plus `augment.intensity`
+    fields.augment.intensity, fields.augment.intensity_p_scale = True, 2.0
+    assert steps.augment_params(fields).intensity == expected
+    spatial_only = unet.get_config()  # intensity off: the factor changes nothing
+    spatial_only.augment.intensity_p_scale = 3.0
+    assert steps.augment_params(spatial_only) == steps.augment_params(unet.get_config())
+    for scale, ok in ((-1.0, False), (0.0, True), (10.0, True), (10.5, False)):
+        config.augment.intensity_p_scale = scale
+        if ok:
+            configuration.check(config)
+        else:
+            with pytest.raises(ConfigError, match="intensity_p_scale"):
+                configuration.check(config)

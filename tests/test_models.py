@@ -189,19 +189,15 @@ def test_output_bias_out_of_range_is_refused(bias):
         configuration.check(config)
 
 
-def test_accelerator_layers_equal_flax_convs():
-    """Conv3x3 (3 channels padded to 8) and PixelLinear (1x1 head as a matrix product) have
-    nn.Conv's parameters (same initial values) and give its result and gradients (float
-    rounding aside)."""
+def test_accelerator_layer_equals_flax_conv():
+    """PixelLinear (the 1x1 output layer as a matrix product) has nn.Conv's parameters (same
+    initial values) and gives its result and gradients (float rounding aside)."""
     import flax.linen as nn
 
-    from lggunet.models import Conv3x3, PixelLinear
+    from lggunet.models import PixelLinear
 
     x = jax.random.normal(jax.random.key(1), (2, 6, 5, 3))
-    pairs = [
-        (Conv3x3(4), nn.Conv(4, (3, 3), padding="SAME")),
-        (PixelLinear(1), nn.Conv(1, (1, 1))),
-    ]
+    pairs = [(PixelLinear(1), nn.Conv(1, (1, 1))), (PixelLinear(4), nn.Conv(4, (1, 1)))]
     for ours, reference in pairs:
         variables = reference.init(jax.random.key(0), x)
         mine = ours.init(jax.random.key(0), x)
@@ -222,14 +218,16 @@ def test_accelerator_layers_equal_flax_convs():
 
 
 def test_accelerator_unet_is_the_same_network():
-    """UNet(accelerator=True) (the GPU layer forms) initialises the same parameters as the CPU
-    form and computes the same logits and parameter gradients from them; `create` leaves it
-    off on the CPU."""
+    """UNet(accelerator=True) (the GPU layer forms, which it does use) initialises the same
+    parameters as the CPU form and computes the same logits and parameter gradients from
+    them; `model.gpu_layers` "auto" leaves it off on the CPU, "on" / "off" force it."""
     from lggunet.configs import unet
+    from lggunet.errors import ConfigError
+    from lggunet.models import PixelLinear
 
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
-    plain = models.UNet(features=4, depth=2)
-    fast = models.UNet(features=4, depth=2, accelerator=True)
+    plain = models.UNet(features=8, depth=2)
+    fast = models.UNet(features=8, depth=2, accelerator=True)
     variables = plain.init(jax.random.key(0), x)
     for a, b in zip(
         jax.tree.leaves(fast.init(jax.random.key(0), x)), jax.tree.leaves(variables), strict=True
@@ -253,4 +251,20 @@ def test_accelerator_unet_is_the_same_network():
     np.testing.assert_allclose(y_fast, y_plain, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
-    assert models.create(unet.get_config()).accelerator is (jax.default_backend() != "cpu")
+    _, used = fast.apply(
+        variables,
+        x,
+        capture_intermediates=lambda module, _: isinstance(module, PixelLinear),
+    )
+    used = jax.tree_util.tree_flatten_with_path(used["intermediates"])[0]
+    names = sorted(jax.tree_util.keystr(path[:-2]) for path, _ in used)
+    assert names == ["['Conv_0']"]  # the output layer
+    config = unet.get_config()
+    assert models.create(config).accelerator is (jax.default_backend() != "cpu")  # "auto"
+    config.model.gpu_layers = "on"
+    assert models.create(config).accelerator is True
+    config.model.gpu_layers = "off"
+    assert models.create(config).accelerator is False
+    config.model.gpu_layers = "yes"
+    with pytest.raises(ConfigError, match="model.gpu_layers='yes'"):
+        models.create(config)
