@@ -32,6 +32,22 @@ def count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def assert_same_layer(ours, reference, variables, x) -> None:
+    """`ours` gives flax layer `reference`'s output, and the same gradients with respect to
+    the parameters and the input, from the same `variables` (float rounding aside)."""
+    np.testing.assert_allclose(
+        ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    g_ref = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_classic_unet_parameter_count():
     model = models.UNet(features=64, depth=4)
     shapes = jax.eval_shape(
@@ -100,17 +116,7 @@ def test_upsample_equals_flax_conv_transpose():
     variables = reference.init(jax.random.key(0), x)
     variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (4,))
     ours = Upsample2x(4)
-    np.testing.assert_allclose(
-        ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
-    )
-
-    def loss(module):
-        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
-
-    g_ref = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
-    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
-    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_layer(ours, reference, variables, x)
 
 
 def test_max_pool_matches_numpy_windows_and_flax():
@@ -204,17 +210,7 @@ def test_accelerator_layer_equals_flax_conv():
         for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(variables), strict=True):
             np.testing.assert_array_equal(a, b)
         variables["params"]["bias"] = jax.random.normal(jax.random.key(2), (reference.features,))
-        np.testing.assert_allclose(
-            ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
-        )
-
-        def loss(module):
-            return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
-
-        g_ref = jax.grad(loss(reference), argnums=(0, 1))(variables, x)
-        g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
-        for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert_same_layer(ours, reference, variables, x)
 
 
 def test_accelerator_unet_is_the_same_network():
