@@ -6,7 +6,10 @@ per-volume Dice mean / median / misses, and the paired difference of the ensembl
 run, with a bootstrap 95% CI over patients.
 
     python bench/ensemble_cv.py runs/cv_a runs/cv_b [runs/cv_c ...] --data=DIR_OF_KAGGLE_3M
-        [--checkpoint=last] [--min-voxels=500] [--limit=N]
+        [--checkpoint=last] [--min-voxels=500] [--limit=N] [--finished-folds]
+
+`--finished-folds` takes only the folds every run has finished (a screen of folds 0-2, or a
+run still training), their test patients read from each fold's `splits.json`.
 
 The shipped predict averages the k fold models of one cross-validation, which a
 cross-validation cannot score (every patient is held out by one fold model only); models of
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -37,11 +41,43 @@ def read_folds(workdir: Path) -> dict[str, int]:
         return {row["patient"]: int(row["fold"]) for row in csv.DictReader(f)}
 
 
-def same_folds(runs: list[Path]) -> dict[str, int]:
+def read_finished_folds(workdir: Path, folds: list[int]) -> dict[str, int]:
+    """Patient -> fold for the test patients of `folds`, from each fold's splits.json."""
+    out = {}
+    for k in folds:
+        record = workdirs.recorded_splits(workdirs.fold_workdir(workdir, k))
+        if record is None:
+            sys.exit(f"{workdirs.fold_workdir(workdir, k)}: no splits.json")
+        out.update({p: k for p in record["patients"].get("test", [])})
+    return out
+
+
+def finished_folds(runs: list[Path]) -> list[int]:
+    """The folds every run has finished (a fold_<k>/ with its fold_done.json)."""
+    done = []
+    for run in runs:
+        if not run.is_dir():
+            sys.exit(f"{run}: not found")
+        folds = [p for p in run.glob("fold_*") if re.fullmatch(r"fold_(0|[1-9][0-9]*)", p.name)]
+        done.append({int(p.name[5:]) for p in folds if workdirs.finished(p)})
+    common = sorted(set.intersection(*done))
+    if not common:
+        sys.exit("the runs have no finished fold in common")
+    return common
+
+
+def same_folds(runs: list[Path], only_finished: bool = False) -> dict[str, int]:
     """The common patient -> fold map; exits if any run holds other patients or folds."""
-    folds = read_folds(runs[0])
+    common = finished_folds(runs) if only_finished else None
+    if common is not None:
+        print(f"Only folds {common}, the ones every run has finished.")
+
+    def read(run: Path) -> dict[str, int]:
+        return read_folds(run) if common is None else read_finished_folds(run, common)
+
+    folds = read(runs[0])
     for run in runs[1:]:
-        other = read_folds(run)
+        other = read(run)
         if set(other) != set(folds):
             differ = sorted(set(other) ^ set(folds))
             sys.exit(f"{run} and {runs[0]} hold different patients: {differ[:5]}")
@@ -69,10 +105,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="'best' or 'last' (default: each run's)")
     parser.add_argument("--min-voxels", type=int, default=500)
     parser.add_argument("--limit", type=int, default=0, help="only the first N patients (a check)")
+    parser.add_argument(
+        "--finished-folds",
+        action="store_true",
+        help="only the folds every run has finished (a screen of some folds, or a run training)",
+    )
     args = parser.parse_args()
     if len(args.runs) < 2:
         sys.exit("give at least two cross-validation workdirs")
-    folds = same_folds(args.runs)
+    folds = same_folds(args.runs, args.finished_folds)
     folders = {p.name.rsplit("_", 1)[0]: p for p in args.data.iterdir() if p.is_dir()}
     missing = sorted(set(folds) - set(folders))
     if missing:

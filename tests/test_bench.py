@@ -264,3 +264,41 @@ ENTRY %main.1 (x: bf16[32,256,256,8]) -> f32[] {
     assert classes["custom-call.9"][0] == "other (custom-call cu_threefry2x32)"
     assert classes["loop_maximum_fusion"][0].startswith("elementwise fusion")
     assert classes["copy.467"][0] == "copy / transpose"
+
+
+def _write_split(folder, fold, test, done=True):
+    import json
+
+    fold_dir = folder / f"fold_{fold}"
+    fold_dir.mkdir(parents=True)
+    record = {"fingerprint": "f", "source": "s", "patients": {"train": ["T"], "test": test}}
+    (fold_dir / "splits.json").write_text(json.dumps(record))
+    if done:
+        (fold_dir / "fold_done.json").write_text("{}\n")
+
+
+def test_ensemble_cv_finished_folds_takes_only_folds_every_run_finished(tmp_path):
+    """bench/ensemble_cv.py --finished-folds: the test patients of the folds all runs have
+    finished, from splits.json; a run whose fold holds other patients is refused."""
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import ensemble_cv
+    finally:
+        del sys.path[:2]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_split(a, 0, ["P1", "P2"])
+    _write_split(a, 1, ["P3"])
+    _write_split(a, 10, ["P9"], done=False)
+    _write_split(b, 0, ["P1", "P2"])
+    _write_split(b, 1, ["P3"], done=False)  # still training: fold 1 left out
+    (b / "fold_x").mkdir()  # not a fold folder
+    assert ensemble_cv.same_folds([a, b], only_finished=True) == {"P1": 0, "P2": 0}
+    _write_split(tmp_path / "c", 0, ["P1", "P4"])
+    with pytest.raises(SystemExit, match="different patients"):
+        ensemble_cv.same_folds([a, tmp_path / "c"], only_finished=True)
+    _write_split(tmp_path / "d", 2, ["P5"])
+    with pytest.raises(SystemExit, match="no finished fold in common"):
+        ensemble_cv.same_folds([a, tmp_path / "d"], only_finished=True)
+    with pytest.raises(SystemExit, match="e: not found"):
+        ensemble_cv.same_folds([a, tmp_path / "e"], only_finished=True)
