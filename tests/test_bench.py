@@ -302,3 +302,28 @@ def test_ensemble_cv_finished_folds_takes_only_folds_every_run_finished(tmp_path
         ensemble_cv.same_folds([a, tmp_path / "d"], only_finished=True)
     with pytest.raises(SystemExit, match="e: not found"):
         ensemble_cv.same_folds([a, tmp_path / "e"], only_finished=True)
+
+
+def test_tumour_contrast_figures_match_a_hand_computed_volume():
+    """bench/tumour_contrast.py on a volume whose 10x10 foreground (in a zero frame) is 60%
+    100, 30% 120 (normal) and 10% 160 (tumour): mean 112, std sqrt(336); median 100,
+    IQR 20 (100 to 120)."""
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import tumour_contrast
+    finally:
+        del sys.path[:2]
+
+    values = np.array([100] * 60 + [120] * 30 + [160] * 10, np.uint8).reshape(10, 10)
+    images = np.zeros((2, 20, 20, 3), np.uint8)
+    images[:, 5:15, 5:15] = values[..., None]
+    masks = np.zeros((2, 20, 20), np.uint8)
+    masks[:, 5:15, 5:15] = values == 160
+    out = tumour_contrast.patient_figures(images, masks)
+    assert out["share"] == pytest.approx(0.1)
+    std = np.sqrt(336.0)
+    for c in range(3):
+        assert out[f"zn{c}"] == pytest.approx((100 - 112) / std, abs=1e-5)
+        assert out[f"zt{c}"] == pytest.approx((160 - 112) / std, abs=1e-5)
+        assert out[f"rn{c}"] == pytest.approx(0.0, abs=1e-6)
+        assert out[f"rt{c}"] == pytest.approx(60 / (20 / 1.349), abs=1e-4)
