@@ -31,6 +31,7 @@ from lggunet.errors import ConfigError
 DONE_FILE = workdirs.FOLD_DONE_FILE
 MISS = 0.1  # a patient whose per-volume Dice is below this counts as missed
 VARIANT_COLUMNS = {"plain": "dice", "tta": "dice_tta", "lcc": "dice_lcc", "tta+lcc": "dice_tta_lcc"}
+WEAK = 0.7  # patients under this per-volume Dice are sorted into under- and over-segmented
 BOOTSTRAP_SAMPLES = 10_000
 
 
@@ -258,11 +259,40 @@ def _variant_summary(rows: list[dict], column: str, folds: int) -> dict:
     entry["copied_all_channels"] = summarize(  # one image in all three channels
         [d for r, d in zip(rows, dice, strict=True) if r.get("copied_channels") == "all three"]
     )
+    entry["weak"] = _weak_patients(rows, column)
     entry["per_fold"] = [
         float(np.mean([d for r, d in zip(rows, dice, strict=True) if r["fold"] == k]))
         for k in range(folds)
     ]
     return entry
+
+
+def _weak_patients(rows: list[dict], column: str) -> dict | None:
+    """How the patients under `WEAK` fail: under-segmented (recall below precision, or nothing
+    marked: tumour left out) or over-segmented. Precision and recall follow from the areas
+    and the Dice (intersection = Dice x (true + predicted area) / 2), so fold reports of any
+    age serve; None where a row lacks the predicted area."""
+    areas = column.replace("dice", "pred_area")
+    if any(r.get(key) in (None, "") for r in rows for key in (areas, "true_area")):
+        return None
+    weak = [r for r in rows if float(r[column]) < WEAK]
+    t = np.array([float(r["true_area"]) for r in weak])
+    m = np.array([float(r[areas]) for r in weak])
+    hit = np.array([float(r[column]) for r in weak]) * (t + m) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p, q = np.where(m > 0, hit / m, np.nan), np.where(t > 0, hit / t, np.nan)
+    under = (q < p) | ((m == 0) & (t > 0))  # nothing marked on a tumour
+
+    def mean(v: np.ndarray) -> float:
+        return float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else float("nan")
+
+    return {
+        "below": WEAK,
+        "patients": len(weak),
+        "under_segmented": sorted(r["patient"] for r, u in zip(weak, under, strict=True) if u),
+        "mean_precision": mean(p),
+        "mean_recall": mean(q),
+    }
 
 
 def write_report(workdir: str | Path) -> dict:
@@ -291,8 +321,13 @@ def write_report(workdir: str | Path) -> dict:
     result = report_files.json_safe(result)
     files.write_atomic(workdir / "cv_report.json", json.dumps(result, indent=2) + "\n")
     files.write_atomic(workdir / "cv_report.md", report_files.cv_markdown(result))
-    fields = ["patient", "institution", "fold", "slices", "true_area", "copied_channels"] + [
-        VARIANT_COLUMNS[v] for v in variants
+    fields = ["patient", "institution", "fold", "slices", "true_area", "copied_channels"]
+    fields += [VARIANT_COLUMNS[v] for v in variants]
+    fields += [
+        VARIANT_COLUMNS[v].replace("dice", what)
+        for what in ("precision", "recall")
+        for v in variants
+        if rows and all(VARIANT_COLUMNS[v].replace("dice", what) in r for r in rows)
     ]
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")

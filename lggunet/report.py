@@ -97,6 +97,7 @@ def _patient_row(pid, truth, preds: dict[str, np.ndarray], copied: str) -> tuple
         suffix = "" if v == "plain" else "_" + v.replace("+", "_")
         row[f"dice{suffix}"] = vd
         row[f"pred_area{suffix}"] = int(pred.sum())
+        row[f"precision{suffix}"], row[f"recall{suffix}"] = prec, rec
         row[f"hd95{suffix}"] = hd
     return row, scores
 

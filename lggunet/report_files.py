@@ -206,6 +206,7 @@ def cv_markdown(result: dict) -> str:
         lines.append(
             f"| {name} | {e['patients']} | {fmt(e['mean'])} | {fmt(e['median'])} | {e['missed']} |"
         )
+    lines += _weak_lines(result)
     lines += [
         "",
         "## The notebook's table (test folds, weighted by slices)",
@@ -223,6 +224,31 @@ def cv_markdown(result: dict) -> str:
         )
     lines += ["", "Files: `cv_report.json`, `cv_patients.csv`, `cv_volume_dice.png`.", ""]
     return "\n".join(lines)
+
+
+def _weak_lines(result: dict) -> list[str]:
+    """The weak patients of each variant: how many, and how many under-segmented."""
+    entries = {v: e["weak"] for v, e in result["variants"].items() if e.get("weak")}
+    if not entries:
+        return []
+    below = next(iter(entries.values()))["below"]
+    lines = [
+        "",
+        f"## How the weak patients fail (Dice < {below})",
+        "",
+        "Under-segmented: recall below precision (tumour left out; what is marked is mostly "
+        "tumour), or nothing marked. Over-segmented: the other way round.",
+        "",
+        "| variant | weak | under-segmented | over-segmented | mean precision | mean recall |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for v, w in entries.items():
+        under = len(w["under_segmented"])
+        lines.append(
+            f"| {v} | {w['patients']} | {under} | {w['patients'] - under} | "
+            f"{fmt(w['mean_precision'])} | {fmt(w['mean_recall'])} |"
+        )
+    return lines
 
 
 def cv_plot(rows: list[dict], out_png: Path, miss: float) -> None:

@@ -213,3 +213,62 @@ def test_report_rows_name_copied_channels_per_patient():
     got = {r["patient"]: r["copied_channels"] for r in rows}
     assert got == {"P1": "all three", "P2": "FLAIR=post-contrast", "P3": "", "P4": ""}
     assert got == {pid: kaggle3m.copied_channels(images) for pid, images in volumes.items()}
+
+
+def test_weak_patients_are_sorted_by_how_they_fail():
+    """Per-patient precision and recall in report rows, and the CV report's count of weak
+    patients (Dice < 0.7) that are under-segmented, on a network that marks exactly the
+    pixels whose first channel is bright: hand-counted areas."""
+
+    from lggunet import report, report_files, steps
+    from lggunet.configs import demo
+
+    def slice_(marked, tumour):
+        image = np.zeros((16, 16, 3), np.uint8)
+        image[marked] = 255
+        mask = np.zeros((16, 16, 1), np.uint8)
+        mask[tumour] = 1
+        return image, mask
+
+    block = np.s_[0:4, 0:4]
+    volumes = {  # (marked, tumour): P1 marks half its 16-pixel tumour, P2 a 16-pixel square
+        "P1": slice_(np.s_[0:2, 0:4], block),  # around its 4-pixel one, P3 nothing
+        "P2": slice_(block, np.s_[0:2, 0:2]),
+        "P3": slice_(np.s_[0:0], np.s_[0:2, 0:2]),
+    }
+    source = [
+        {
+            "image": image,
+            "mask": mask,
+            "patient_id": pid.encode(),
+            "slice_index": 0,
+            "tumour_area": int(mask.sum()),
+            "volume_mean": np.zeros(3, np.float32),
+            "volume_std": np.ones(3, np.float32),
+            "brain_stats": np.zeros((6, 3), np.float32),
+        }
+        for pid, (image, mask) in volumes.items()
+    ]
+    marks = steps.Weights(  # 'scale' input: 1.0 where marked
+        params={}, batch_stats={}, apply_fn=lambda v, x, train: (x[..., :1] - 0.5) * 18.0
+    )
+    config = demo.get_config()
+    config.data.image_size, config.eval_batch_size = 16, 3
+    config.evaluate.largest_component = False
+    _, rows, _ = report.score_split(report.score_source(marks, source, config, False), config)
+    got = {r["patient"]: (r["dice"], r["precision"], r["recall"]) for r in rows}
+    assert got["P1"] == pytest.approx((2 * 8 / 24, 1.0, 0.5))
+    assert got["P2"] == pytest.approx((2 * 4 / 20, 0.25, 1.0))
+    assert got["P3"][0] == 0.0 and np.isnan(got["P3"][1]) and got["P3"][2] == 0.0
+
+    weak = cross_validation._weak_patients(rows, "dice")
+    assert weak["patients"] == 3 and weak["under_segmented"] == ["P1", "P3"]
+    assert weak["mean_precision"] == pytest.approx((1.0 + 0.25) / 2)  # P3 marked nothing
+    assert weak["mean_recall"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    text = "\n".join(report_files._weak_lines({"variants": {"plain": {"weak": weak}}}))
+    assert "| plain | 3 | 2 | 1 | 0.6250 | 0.5000 |" in text
+    as_text = [{k: str(v) for k, v in r.items()} for r in rows]  # as a fold's CSV holds them
+    again = cross_validation._weak_patients(as_text, "dice")
+    assert again.pop("under_segmented") == weak.pop("under_segmented")
+    assert again == pytest.approx(weak)
+    assert cross_validation._weak_patients([{"dice": "0.5", "true_area": "9"}], "dice") is None
