@@ -13,7 +13,9 @@ Each line is one JSON object with a "check" key:
   256x256: 78 training patients, 3,120 slices an epoch, about the notebook's 3,143): images/s
   of each epoch after the first, the host overhead per step (loop step time over the bare step
   time of "train_step" bfloat16, minus 1), the wall time of the run and its extrapolation to
-  100 epochs (set-up and final evaluation once, plus 100 x the median epoch).
+  100 epochs (set-up and final evaluation once, plus 100 x the median epoch), and
+  "loop_profile": bench/profile_loop.py's figures of 20 traced steps from step 300 (epoch 4;
+  what each step launches, the host time in it, the device's kernel and idle time per step).
 - "run_grain": the same with the grain input pipeline instead of the device cache, 3 epochs.
 
 Never a figure that was not measured: a check that fails prints {"check": ..., "error": ...}.
@@ -71,6 +73,8 @@ def timed_run(args, name: str, device_cache: bool, epochs: int, step_ms: float |
     config.data.data_dir = str(args.out / "tfds")
     config.data.device_cache = device_cache
     config.num_epochs = epochs
+    if device_cache:  # trace a window of steady-state steps (bench/profile_loop.py)
+        config.profile.first_step, config.profile.steps = (3, 3) if args.smoke else (300, 20)
     workdir = args.out / name
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # tfds prints there; stdout is JSON lines
@@ -101,7 +105,15 @@ def timed_run(args, name: str, device_cache: bool, epochs: int, step_ms: float |
         "final_test_volume_dice": json.loads((workdir / "final_metrics.json").read_text())
         .get("test", {})
         .get("volume_dice"),
+        "loop_profile": loop_profile(workdir) if config.profile.first_step else None,
     }
+
+
+def loop_profile(workdir: Path) -> dict:
+    """bench/profile_loop.py's figures of the run's traced steps."""
+    import profile_loop
+
+    return profile_loop.loop_profile(profile_loop.find_trace(workdir))
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 8  # `config_version` of configs written by this lggunet
+VERSION = 9  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -56,6 +56,8 @@ ADDED = {
     "augment.channel_copy_p": (7, 0.1),
     "augment.intensity_p_scale": (8, 1.0),
     "model.gpu_layers": (8, "off"),
+    "profile.first_step": (9, 0),
+    "profile.steps": (9, 5),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -72,6 +74,8 @@ RANGES = {
     "warmup_epochs": (0, 100_000, True),
     "model.output_bias": (-20, 20, True),
     "log_every_steps": (1, None, True),
+    "profile.first_step": (0, None, True),
+    "profile.steps": (1, 100_000, True),
     "summary_images": (0, 64, True),
     "summary_every_epochs": (1, None, True),
     "early_stopping.patience": (0, None, True),

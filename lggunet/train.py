@@ -26,6 +26,7 @@ from lggunet import (
     history,
     input_pipeline,
     parallel,
+    profiling,
     summaries,
     workdirs,
 )
@@ -131,12 +132,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> tuple[TrainState
     if run.main and run.start_epoch <= config.num_epochs:  # trains further (e.g. more epochs):
         # unfinished until its final metrics are written anew, not the earlier finished run.
         (workdir / workdirs.FINAL_METRICS_FILE).unlink(missing_ok=True)
+    window = profiling.StepWindow(config.profile, workdir, run.total_steps, run.host_step)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, window:
             run.clock.start(run.host_step)  # for images/s and the ETA
             for epoch in range(run.start_epoch, config.num_epochs + 1):
                 position = run.start_position if epoch == run.start_epoch else 0
-                mean, rate = _train_epoch(run, epoch, position, stop)
+                mean, rate = _train_epoch(run, epoch, position, stop, window)
                 if _end_of_epoch(run, epoch, mean, rate):
                     break
                 signum = parallel.max_over_processes(stop.signum or 0)
@@ -230,7 +232,7 @@ def _restore(run: _Run) -> None:
 
 
 def _train_epoch(
-    run: _Run, epoch: int, position: int, stop: StopRequest
+    run: _Run, epoch: int, position: int, stop: StopRequest, window: profiling.StepWindow
 ) -> tuple[history.RunningMean, tuple[int, float, float]]:
     """Trains one epoch from batch `position` on; (the train metrics' mean, (images trained
     in this session, their seconds, the epoch's start)). Each step's metrics are read while
@@ -253,7 +255,8 @@ def _train_epoch(
             _log_step(run, epoch, step, out)
 
     reader = history.LateReader(account, lag=0 if parallel.steps_must_sync() else 1)
-    for batch in run.feed.batches("train", run.feed.train_plan(epoch), start=position):
+    batches = run.feed.batches("train", run.feed.train_plan(epoch), start=position)
+    for batch in window.marked(batches, run.host_step + 1, lambda: run.state):
         signum = stop.agreed(run.host_step)
         if signum:
             reader.flush()
@@ -347,14 +350,8 @@ def _save_interrupted(
         )
     store.wait()  # an end-of-epoch save in flight may already hold this state
     if step not in store.steps():
-        meta = {
-            "epoch": epoch,
-            "position": position,
-            "step": step,
-            "train_mean": mean.to_json(),
-            "early_stopping": run.early.to_json(),
-            "plan": run.plan_signature,
-        }
+        meta = {"epoch": epoch, "position": position, "step": step, "plan": run.plan_signature}
+        meta |= {"train_mean": mean.to_json(), "early_stopping": run.early.to_json()}
         store.save(step, run.state, meta)
     store.wait()
     store.close()

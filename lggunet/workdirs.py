@@ -38,6 +38,7 @@ FREE_FIELDS = (
     "summary_images",
     "summary_every_epochs",
     "compilation_cache_dir",
+    "profile.",
     "config_version",
     "eval_batch_size",
     "early_stopping.",

@@ -109,6 +109,12 @@ def test_device_check_smoke_prints_every_figure(tmp_path):
         assert run["images_per_s_median"] > 0 and run["extrapolated_100_epochs_s"] > 0
         assert run["loop_step_ms"] > 0 and isinstance(run["host_overhead"], float)
     assert lines[3]["device_cache"] and not lines[4]["device_cache"]
+    # The cached run traced steps 3-5 of its 4 (the trace closes with the run): each step
+    # gathers its batch on the device and launches the train step, once.
+    traced = lines[3]["loop_profile"]
+    assert traced["steps"] == [3, 4] and lines[4]["loop_profile"] is None
+    assert traced["jit_calls_per_step"] == {"_gather_rows": 1.0, "train_fn": 1.0}
+    assert traced["host_ms_in_step_median"] > 0
     assert (tmp_path / "device_check.jsonl").read_text().count("\n") == len(lines)
     syntax = subprocess.run(["bash", "-n", "bench/device_check.sh"], cwd=REPO)
     assert syntax.returncode == 0

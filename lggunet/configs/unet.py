@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 8  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 9  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.summary_every_epochs = 1  # draw them every this many epochs
     # A folder for jax's persistent compilation cache ("" = off): reruns skip compiling.
     config.compilation_cache_dir = ""
+    # A jax.profiler trace of `profile.steps` training steps from step `profile.first_step`
+    # on (0: none), written to WORKDIR/tensorboard/plugins/profile/ (TensorBoard's profile
+    # tab, Perfetto); every step is marked "train" with its number. bench/profile_loop.py
+    # reads it: what each step launches and where the device waits.
+    config.profile = ml_collections.ConfigDict()
+    config.profile.first_step = 0
+    config.profile.steps = 5
 
     # Stop when val_loss has not improved by more than min_delta for `patience` epochs.
     # Default 0 = off: the notebook trains all 100 epochs (its best checkpoint is kept anyway).

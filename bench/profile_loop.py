@@ -1,0 +1,141 @@
+"""Where a training loop's step time goes between the device and the host, from the trace that
+`profile.first_step` / `profile.steps` make (lggunet.profiling): what each step launches,
+how long the host spends in it, and how long the device sits idle.
+
+    python run.py --config=configs/gpu.py ... --config.profile.first_step=300 \\
+        --config.profile.steps=20 --workdir=W
+    python bench/profile_loop.py W            # one JSON line
+
+bench/device_check.py traces its timed run this way and adds these figures to its "run" line.
+
+Per step (the "train" marks: fetching the batch and launching the step): the period from one
+step's mark to the next, the host time inside the mark, and the jitted functions it called
+(`PjitFunction(name)`, outermost calls only). On a GPU, over the traced span: kernel time
+(the union of kernel intervals on the device's streams), idle time, and the longest gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+from pathlib import Path
+
+STEP_NAME = "train"  # lggunet.profiling.STEP_NAME
+DERIVED_LINES = ("XLA", "Steps", "Framework", "Source", "Launch", "Task")
+
+
+def find_trace(workdir: Path) -> Path:
+    """The newest trace under `workdir/tensorboard/plugins/profile/`; exits if none."""
+    traces = sorted(
+        (workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not traces:
+        sys.exit(f"{workdir}: no trace (train with --config.profile.first_step=N)")
+    return traces[-1]
+
+
+def _outermost(events: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Events not inside an earlier one of the same name (jit calls nest in the trace)."""
+    out, open_until = [], {}
+    for start, end, name in sorted(events):
+        if start < open_until.get(name, -1):
+            continue
+        out.append((start, end, name))
+        open_until[name] = end
+    return out
+
+
+def _union_ns(intervals: list[tuple[int, int]]) -> int:
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
+def loop_profile(path: Path) -> dict:
+    """The figures of one trace file (see the module docstring)."""
+    from jax.profiler import ProfileData
+
+    profile = ProfileData.from_file(str(path))
+    marks, calls, kernels = [], [], collections.defaultdict(list)
+    for plane in profile.planes:
+        for line in plane.lines:
+            if plane.name.startswith("/host:"):
+                for e in line.events:
+                    if e.name == STEP_NAME:
+                        step = int(float(dict(e.stats).get("step_num", -1)))
+                        marks.append((e.start_ns, e.start_ns + e.duration_ns, step))
+                    elif e.name.startswith("PjitFunction("):
+                        calls.append((e.start_ns, e.start_ns + e.duration_ns, e.name[13:-1]))
+            elif plane.name.startswith("/device:") and not line.name.startswith(DERIVED_LINES):
+                kernels[plane.name] += [
+                    (e.start_ns, e.start_ns + e.duration_ns) for e in line.events
+                ]
+    if not marks:
+        sys.exit(f"{path}: no '{STEP_NAME}' step marks in the trace")
+    # A step's number can be marked twice: an epoch's last fetch finds no batch (a mark that
+    # launches nothing) and the next epoch's first fetch launches it. Merged per number.
+    marks.sort()
+    calls = _outermost(calls)
+    steps: dict[int, dict] = {}
+    for start, end, step in marks:
+        entry = steps.setdefault(
+            step, {"start": start, "host_ns": 0, "calls": collections.Counter()}
+        )
+        entry["host_ns"] += end - start
+        entry["calls"].update(n for s, _, n in calls if start <= s < end)
+    launched = [x for x in steps.values() if x["calls"]]
+    starts = sorted(x["start"] for x in launched)
+    periods = [(b - a) / 1e6 for a, b in zip(starts, starts[1:], strict=False)]
+    total = collections.Counter()
+    for x in launched:
+        total.update(x["calls"])
+    n = max(len(launched), 1)
+    out = {
+        "trace": str(path),
+        "steps": sorted(k for k, x in steps.items() if x["calls"]),
+        "step_period_ms_median": round(statistics.median(periods), 3) if periods else None,
+        "host_ms_in_step_median": round(statistics.median(x["host_ns"] for x in launched) / 1e6, 3)
+        if launched
+        else None,
+        "jit_calls_per_step": {k: round(c / n, 2) for k, c in total.most_common()},
+        "devices": {},
+    }
+    for device, intervals in sorted(kernels.items()):
+        if not intervals:
+            continue
+        intervals.sort()
+        span = intervals[-1][1] - intervals[0][0]
+        busy = _union_ns(intervals)
+        gaps, reach = [], intervals[0][1]
+        for start, end in intervals[1:]:
+            if start > reach:
+                gaps.append(start - reach)
+            reach = max(reach, end)
+        out["devices"][device] = {
+            "kernel_ms_per_step": round(busy / n / 1e6, 3),
+            "idle_ms_per_step": round((span - busy) / n / 1e6, 3),
+            "busy_fraction": round(busy / span, 4) if span else None,
+            "longest_gaps_ms": [round(g / 1e6, 3) for g in sorted(gaps)[-5:][::-1]],
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdir", type=Path, help="a training workdir with a trace")
+    args = ap.parse_args()
+    print(json.dumps(loop_profile(find_trace(args.workdir))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
