@@ -9,9 +9,13 @@ how long the host spends in it, and how long the device sits idle.
 bench/device_check.py traces its timed run this way and adds these figures to its "run" line.
 
 Per step (the "train" marks: fetching the batch and launching the step): the period from one
-step's mark to the next, the host time inside the mark, and the jitted functions it called
-(`PjitFunction(name)`, outermost calls only). On a GPU, over the traced span: kernel time
-(the union of kernel intervals on the device's streams), idle time, and the longest gaps.
+step's mark to the next (median) and the window's wall time over its steps, the host time
+inside the mark, and the jitted functions it called (`PjitFunction(name)`, outermost calls
+only). The host time includes waiting for the previous step's metrics (the loop reads step
+N-1's loss while step N runs), so where the device is the bottleneck it is about the step
+time; the device's idle time is the figure of host overhead. On a GPU, over the traced span:
+kernel time (the union of kernel intervals on the device's streams), idle time, and the
+longest gaps.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def loop_profile(path: Path) -> dict:
         entry["calls"].update(n for s, _, n in calls if start <= s < end)
     launched = [x for x in steps.values() if x["calls"]]
     starts = sorted(x["start"] for x in launched)
+    window_end = max((e for _, e, k in marks if steps[k]["calls"]), default=0)
     periods = [(b - a) / 1e6 for a, b in zip(starts, starts[1:], strict=False)]
     total = collections.Counter()
     for x in launched:
@@ -104,6 +109,7 @@ def loop_profile(path: Path) -> dict:
         "trace": str(path),
         "steps": sorted(k for k, x in steps.items() if x["calls"]),
         "step_period_ms_median": round(statistics.median(periods), 3) if periods else None,
+        "window_ms_per_step": round((window_end - starts[0]) / n / 1e6, 3) if starts else None,
         "host_ms_in_step_median": round(statistics.median(x["host_ns"] for x in launched) / 1e6, 3)
         if launched
         else None,

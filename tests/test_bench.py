@@ -333,3 +333,23 @@ def test_tumour_contrast_figures_match_a_hand_computed_volume():
         assert out[f"zt{c}"] == pytest.approx((160 - 112) / std, abs=1e-5)
         assert out[f"rn{c}"] == pytest.approx(0.0, abs=1e-6)
         assert out[f"rt{c}"] == pytest.approx(60 / (20 / 1.349), abs=1e-4)
+
+
+def test_profile_loop_counts_outermost_calls_and_busy_time_by_hand():
+    """bench/profile_loop.py's helpers: a jit call nested in one of the same name counts once;
+    kernel time is the union of overlapping intervals (hand-counted)."""
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import profile_loop
+    finally:
+        del sys.path[:2]
+
+    calls = [(0, 10, "f"), (1, 9, "f"), (12, 14, "g"), (15, 20, "f"), (16, 17, "g")]
+    assert profile_loop._outermost(calls) == [
+        (0, 10, "f"),
+        (12, 14, "g"),
+        (15, 20, "f"),
+        (16, 17, "g"),
+    ]
+    # [0, 4] and [2, 6] overlap (6), [6, 7] touches (1), [10, 12] alone (2), inside [10, 12]: 0
+    assert profile_loop._union_ns([(2, 6), (0, 4), (6, 7), (10, 12), (10, 11)]) == 9
