@@ -13,7 +13,9 @@ step's mark to the next (median) and the window's wall time over its steps, the 
 inside the mark, and the jitted functions it called (`PjitFunction(name)`, outermost calls
 only). The host time includes waiting for the previous step's metrics (the loop reads step
 N-1's loss while step N runs), so where the device is the bottleneck it is about the step
-time; the device's idle time is the figure of host overhead. On a GPU, over the traced span:
+time; the device's idle time is the figure of host overhead. A window across an epoch's end
+holds its evaluation too (in the window's wall time and the device's idle time; the median
+period is robust to it): choose a window inside one epoch. On a GPU, over the traced span:
 kernel time (the union of kernel intervals on the device's streams), idle time, and the
 longest gaps.
 """
@@ -96,7 +98,10 @@ def loop_profile(path: Path) -> dict:
             step, {"start": start, "host_ns": 0, "calls": collections.Counter()}
         )
         entry["host_ns"] += end - start
-        entry["calls"].update(n for s, _, n in calls if start <= s < end)
+        called = [n for s, _, n in calls if start <= s < end]
+        if called and not entry["calls"]:
+            entry["start"] = start  # the mark that launched the step, not an epoch's last fetch
+        entry["calls"].update(called)
     launched = [x for x in steps.values() if x["calls"]]
     starts = sorted(x["start"] for x in launched)
     window_end = max((e for _, e, k in marks if steps[k]["calls"]), default=0)

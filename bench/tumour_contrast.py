@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +49,16 @@ def patient_figures(images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a folder of patient folders")
-    parser.add_argument("--cv", type=Path, help="a cv_patients.csv (patient, dice_tta columns)")
+    parser.add_argument("--cv", type=Path, help="a cv_patients.csv (or a kept results/*.csv)")
+    parser.add_argument("--column", default="dice_tta", help="its Dice column (dice_tta)")
     args = parser.parse_args()
     dice = {}
     if args.cv:
         with open(args.cv) as f:
-            dice = {row["patient"]: float(row["dice_tta"]) for row in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+        if rows and args.column not in rows[0]:
+            sys.exit(f"{args.cv}: no column {args.column!r} (it has {', '.join(rows[0])})")
+        dice = {row["patient"]: float(row[args.column]) for row in rows}
     rows = []
     for folder in sorted(p for p in args.data.iterdir() if p.is_dir()):
         patient = lggunet.read_patient(folder)
@@ -71,6 +76,9 @@ def main() -> None:
         )
     share = np.array([r["share"] for r in rows])
     d = np.array([dice.get(r["patient"], np.nan) for r in rows])
+    scored = ~np.isnan(d)  # Dice correlations over the patients the CSV scores
+    if dice:
+        print(f"{scored.sum()} of them scored in {args.cv} ({args.column})")
     print(f"\n{len(rows)} patients; tumour share mean {share.mean():.3f}, max {share.max():.3f}")
     print("| channel, figure | mean | sd | corr. with share | corr. with Dice |")
     print("| --- | --- | --- | --- | --- |")
@@ -79,7 +87,9 @@ def main() -> None:
         for key, what in figures.items():
             v = np.array([r[f"{key}{c}"] for r in rows])
             with_share = np.corrcoef(v, share)[0, 1]
-            with_dice = "n/a" if np.isnan(d).any() else f"{np.corrcoef(v, d)[0, 1]:+.2f}"
+            with_dice = "n/a"
+            if scored.sum() > 2:
+                with_dice = f"{np.corrcoef(v[scored], d[scored])[0, 1]:+.2f}"
             print(
                 f"| {channel}, {what} | {v.mean():+.2f} | {v.std():.2f} | {with_share:+.2f} "
                 f"| {with_dice} |"

@@ -75,7 +75,7 @@ RANGES = {
     "model.output_bias": (-20, 20, True),
     "log_every_steps": (1, None, True),
     "profile.first_step": (0, None, True),
-    "profile.steps": (1, 100_000, True),
+    "profile.steps": (1, 1_000, True),  # the profiler holds the whole trace in memory
     "summary_images": (0, 64, True),
     "summary_every_epochs": (1, None, True),
     "early_stopping.patience": (0, None, True),

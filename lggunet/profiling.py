@@ -25,7 +25,8 @@ class StepWindow:
 
     def __init__(self, profile: ml_collections.ConfigDict, workdir: Path, total: int, done: int):
         self.first, self.last = profile.first_step, profile.first_step + profile.steps - 1
-        self.log_dir = Path(workdir) / "tensorboard"
+        index = jax.process_index()  # one folder per process: hosts name their files alike
+        self.log_dir = Path(workdir) / "tensorboard" / (f"process_{index}" if index else "")
         self.active = False
         if self.first and self.first > total:
             logging.warning(
@@ -33,34 +34,52 @@ class StepWindow:
                 self.first,
                 total,
             )
-            self.first = 0  # not even the fetch that finds the run's data at an end
+            self.first = 0
         elif self.first and self.first <= done:
-            logging.warning(
+            logging.info(
                 "profile.first_step=%d was passed before this session (it resumes at step %d): "
                 "nothing is traced",
                 self.first,
                 done + 1,
             )
 
-    def marked(self, batches: Iterable, step: int, state: Callable[[], Any]) -> Iterator:
+    def marked(
+        self, batches: Iterable[dict], step: int, state: Callable[[], Any]
+    ) -> Iterator[dict]:
         """`batches`, each fetched and used (the loop's body runs at the `yield`) inside the
-        "train" mark of its step, from number `step` on; `state()` is waited for at the end."""
+        "train" mark of its step, from number `step` on; the window's first batch is fetched
+        before the trace starts (an epoch's end finds no batch: no trace of its evaluation);
+        `state()` is waited for after the window's last step."""
         batches = iter(batches)
         while True:
             if step == self.first and not self.active:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                jax.profiler.start_trace(str(self.log_dir))
-                self.active = True
-                logging.info("Tracing steps %d-%d into %s", self.first, self.last, self.log_dir)
-            with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=step):
                 batch = next(batches, None)
                 if batch is None:
                     return
-                yield batch
+                self._start()
+                with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=step):
+                    yield batch
+            else:
+                with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=step):
+                    batch = next(batches, None)
+                    if batch is None:
+                        return
+                    yield batch
             if self.active and step >= self.last:
                 jax.block_until_ready(state())
                 self.close()
             step += 1
+
+    def _start(self) -> None:
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.log_dir))
+        except Exception as e:  # a trace already running, a folder not writable: train on
+            logging.warning("profile: could not start the trace (%s); training goes on", e)
+            self.first = 0
+            return
+        self.active = True
+        logging.info("Tracing steps %d-%d into %s", self.first, self.last, self.log_dir)
 
     def close(self) -> None:
         """Stops a trace in progress."""

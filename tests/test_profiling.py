@@ -35,6 +35,8 @@ def test_window_traces_exactly_its_steps_across_epochs(calls, tmp_path):
             # the trace is on exactly while steps 3 and 4 run
             assert (("start", str(tmp_path / "tensorboard")) in calls) == (state["step"] >= 3)
             assert (("stop",) in calls) == (state["step"] > 4)
+        if state["step"] == 2:  # epoch 1's end (its evaluation) is not traced
+            assert calls == []
     assert calls == [("start", str(tmp_path / "tensorboard")), ("wait", "state 4"), ("stop",)]
     w.close()  # closed already: nothing more
     assert len(calls) == 3
@@ -55,8 +57,21 @@ def test_window_cut_short_is_closed_once(calls, tmp_path):
 )
 def test_windows_that_cannot_open_say_so(calls, tmp_path, monkeypatch, first, done, says):
     warned = []
-    monkeypatch.setattr(logging, "warning", lambda msg, *a: warned.append(msg % a))
+    for level in ("warning", "info"):
+        monkeypatch.setattr(logging, level, lambda msg, *a: warned.append(msg % a))
     w = window(tmp_path, first, steps=3, done=done)
     assert list(w.marked(range(done + 1, 11), done + 1, lambda: None)) == list(range(done + 1, 11))
     assert calls == []
     assert (warned == []) if says is None else (len(warned) == 1 and says in warned[0])
+
+
+def test_a_trace_that_cannot_start_leaves_training_going(monkeypatch, tmp_path):
+    def busy(log_dir):
+        raise RuntimeError("Profile has already been started")
+
+    warned = []
+    monkeypatch.setattr(jax.profiler, "start_trace", busy)
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warned.append(msg % a))
+    w = window(tmp_path, 2)
+    assert list(w.marked(range(1, 6), 1, lambda: None)) == [1, 2, 3, 4, 5]
+    assert not w.active and len(warned) == 1 and "already been started" in warned[0]
