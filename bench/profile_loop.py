@@ -8,7 +8,8 @@ how long the host spends in it, and how long the device sits idle.
 
 bench/device_check.py traces its timed run this way and adds these figures to its "run" line.
 
-Per step (the "train" marks: fetching the batch and launching the step): the period from one
+Per step (the "train" marks: fetching the batch and launching the step; the window's first
+step, whose batch is fetched before the trace starts, left out): the period from one
 step's mark to the next (median) and the window's wall time over its steps, the host time
 inside the mark, and the jitted functions it called (`PjitFunction(name)`, outermost calls
 only). The host time includes waiting for the previous step's metrics (the loop reads step
@@ -16,8 +17,8 @@ N-1's loss while step N runs), so where the device is the bottleneck it is about
 time; the device's idle time is the figure of host overhead. A window across an epoch's end
 holds its evaluation too (in the window's wall time and the device's idle time; the median
 period is robust to it): choose a window inside one epoch. On a GPU, over the traced span:
-kernel time (the union of kernel intervals on the device's streams), idle time, and the
-longest gaps.
+kernel time (the union of kernel intervals on the device's streams) and idle time per traced
+step (the first included), and the longest gaps.
 """
 
 from __future__ import annotations
@@ -102,9 +103,12 @@ def loop_profile(path: Path) -> dict:
         if called and not entry["calls"]:
             entry["start"] = start  # the mark that launched the step, not an epoch's last fetch
         entry["calls"].update(called)
-    launched = [x for x in steps.values() if x["calls"]]
-    starts = sorted(x["start"] for x in launched)
-    window_end = max((e for _, e, k in marks if steps[k]["calls"]), default=0)
+    # The window's first batch is fetched before the trace starts (lggunet.profiling): its
+    # step is left out of the host figures; its device work is in the trace, and counted.
+    ran = sorted(k for k, x in steps.items() if x["calls"])
+    launched = [steps[k] for k in ran[1:]]
+    starts = [x["start"] for x in launched]
+    window_end = max((e for _, e, k in marks if k in ran[1:]), default=0)
     periods = [(b - a) / 1e6 for a, b in zip(starts, starts[1:], strict=False)]
     total = collections.Counter()
     for x in launched:
@@ -112,7 +116,7 @@ def loop_profile(path: Path) -> dict:
     n = max(len(launched), 1)
     out = {
         "trace": str(path),
-        "steps": sorted(k for k, x in steps.items() if x["calls"]),
+        "steps": ran[1:],
         "step_period_ms_median": round(statistics.median(periods), 3) if periods else None,
         "window_ms_per_step": round((window_end - starts[0]) / n / 1e6, 3) if starts else None,
         "host_ms_in_step_median": round(statistics.median(x["host_ns"] for x in launched) / 1e6, 3)
@@ -133,8 +137,8 @@ def loop_profile(path: Path) -> dict:
                 gaps.append(start - reach)
             reach = max(reach, end)
         out["devices"][device] = {
-            "kernel_ms_per_step": round(busy / n / 1e6, 3),
-            "idle_ms_per_step": round((span - busy) / n / 1e6, 3),
+            "kernel_ms_per_step": round(busy / max(len(ran), 1) / 1e6, 3),
+            "idle_ms_per_step": round((span - busy) / max(len(ran), 1) / 1e6, 3),
             "busy_fraction": round(busy / span, 4) if span else None,
             "longest_gaps_ms": [round(g / 1e6, 3) for g in sorted(gaps)[-5:][::-1]],
         }

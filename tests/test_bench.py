@@ -112,7 +112,7 @@ def test_device_check_smoke_prints_every_figure(tmp_path):
     # The cached run traced steps 3-5 of its 4 (the trace closes with the run): each step
     # gathers its batch on the device and launches the train step, once.
     traced = lines[3]["loop_profile"]
-    assert traced["steps"] == [3, 4] and lines[4]["loop_profile"] is None
+    assert traced["steps"] == [4] and lines[4]["loop_profile"] is None  # 3 fetched untraced
     assert traced["jit_calls_per_step"] == {"_gather_rows": 1.0, "train_fn": 1.0}
     assert traced["host_ms_in_step_median"] > 0
     assert (tmp_path / "device_check.jsonl").read_text().count("\n") == len(lines)
@@ -353,3 +353,42 @@ def test_profile_loop_counts_outermost_calls_and_busy_time_by_hand():
     ]
     # [0, 4] and [2, 6] overlap (6), [6, 7] touches (1), [10, 12] alone (2), inside [10, 12]: 0
     assert profile_loop._union_ns([(2, 6), (0, 4), (6, 7), (10, 12), (10, 11)]) == 9
+
+
+def test_profile_loop_reads_a_real_trace_of_marked_steps(tmp_path):
+    """A real jax.profiler trace of StepWindow.marked over two 'epochs' of two steps (window:
+    steps 2-4): each fetch calls jitted `fetch`, each step `step`. Step 2 (fetched before the
+    trace) is left out; step 3, marked twice (epoch 1's last, empty fetch and epoch 2's
+    first), counts once."""
+    import jax
+    import ml_collections
+
+    from lggunet import profiling
+
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import profile_loop
+    finally:
+        del sys.path[:2]
+
+    @jax.jit
+    def fetch(i):
+        return i + 1
+
+    @jax.jit
+    def step(x):
+        return x * 2
+
+    profile = ml_collections.ConfigDict({"first_step": 2, "steps": 3})
+    window = profiling.StepWindow(profile, tmp_path, total=4, done=0)
+    state = {"out": None, "number": 1}
+    with window:
+        for _ in range(2):
+            batches = (fetch(i) for i in range(2))
+            for batch in window.marked(batches, state["number"], lambda: state["out"]):
+                state["out"] = step(batch)
+                state["number"] += 1
+    figures = profile_loop.loop_profile(profile_loop.find_trace(tmp_path))
+    assert figures["steps"] == [3, 4]
+    assert figures["jit_calls_per_step"] == {"fetch": 1.0, "step": 1.0}
+    assert figures["host_ms_in_step_median"] > 0 and figures["step_period_ms_median"] > 0
