@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import sys
 from pathlib import Path
 
+import compare_cv  # bench/compare_cv.py
 import numpy as np
 
 import lggunet
@@ -53,14 +53,8 @@ def read_finished_folds(workdir: Path, folds: list[int]) -> dict[str, int]:
 
 
 def finished_folds(runs: list[Path]) -> list[int]:
-    """The folds every run has finished (a fold_<k>/ with its fold_done.json)."""
-    done = []
-    for run in runs:
-        if not run.is_dir():
-            sys.exit(f"{run}: not found")
-        folds = [p for p in run.glob("fold_*") if re.fullmatch(r"fold_(0|[1-9][0-9]*)", p.name)]
-        done.append({int(p.name[5:]) for p in folds if workdirs.finished(p)})
-    common = sorted(set.intersection(*done))
+    """The folds every run has finished (bench/compare_cv.py's test: a fold_done.json)."""
+    common = sorted(set.intersection(*(compare_cv.finished(run) for run in runs)))
     if not common:
         sys.exit("the runs have no finished fold in common")
     return common
