@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 9  # `config_version` of configs written by this lggunet
+VERSION = 10  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -58,6 +58,7 @@ ADDED = {
     "model.gpu_layers": (8, "off"),
     "profile.first_step": (9, 0),
     "profile.steps": (9, 5),
+    "tversky_beta": (10, 0.5),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -71,6 +72,7 @@ RANGES = {
     "seed": (0, 2**31 - 1, True),
     "num_epochs": (1, 100_000, True),
     "learning_rate": (0, 10, False),
+    "tversky_beta": (0, 1, False),
     "warmup_epochs": (0, 100_000, True),
     "model.output_bias": (-20, 20, True),
     "log_every_steps": (1, None, True),
@@ -346,7 +348,9 @@ def describe(config: ml_collections.ConfigDict) -> str:
     augment = config.augment.preset or ("custom" if config.augment.enabled else "none")
     oversample = config.data.oversample_tumour
     return (
-        f"Recipe: {config.data.image_size}x{config.data.image_size} input, loss {config.loss}, "
+        f"Recipe: {config.data.image_size}x{config.data.image_size} input, loss {config.loss}"
+        + (f" (Tversky beta {config.tversky_beta:g})" if config.tversky_beta != 0.5 else "")
+        + ", "
         f"normalize {config.data.normalize}, augment {augment}, Adam {config.learning_rate:g}, "
         f"batch {config.batch_size}, {config.num_epochs} epochs"
         + (", cosine learning rate" if config.lr_schedule == "cosine" else "")

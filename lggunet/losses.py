@@ -1,8 +1,10 @@
 """Training losses. Each takes logits (B, H, W, 1), masks in {0, 1} and per-example weights
-(0 for padding) and returns a scalar to minimise."""
+(0 for padding) and returns a scalar to minimise. `tversky_beta` (0.5: the notebook's Dice)
+weighs missed tumour against false alarms in the overlap term."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -11,28 +13,56 @@ import optax
 
 from lggunet import metrics
 
+DICE_BETA = 0.5  # the Tversky weight at which the overlap term is the notebook's Dice
 
-def dice_loss(logits: jax.Array, masks: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+
+def tversky_index(
+    y_true, y_pred, weights=None, beta: float = DICE_BETA, smooth: float = metrics.SMOOTH
+) -> jax.Array:
+    """(2TP + s) / (2TP + 2(1-beta)FP + 2beta FN + s) over the flattened batch, on soft
+    probabilities (Salehi et al. 2017, scaled so that beta=0.5 is the notebook's Dice with the
+    same smooth). beta > 0.5 costs a missed tumour pixel more than a false alarm."""
+    t, p = metrics._weighted(y_true.astype(jnp.float32), y_pred.astype(jnp.float32), weights)
+    tp = jnp.sum(t * p)
+    fp = jnp.sum(p) - tp
+    fn = jnp.sum(t) - tp
+    return (2 * tp + smooth) / (2 * tp + 2 * (1 - beta) * fp + 2 * beta * fn + smooth)
+
+
+def dice_loss(
+    logits: jax.Array,
+    masks: jax.Array,
+    weights: jax.Array | None = None,
+    tversky_beta: float = DICE_BETA,
+) -> jax.Array:
     """The Keras notebook's loss: -dice_coef(masks, sigmoid(logits)), smooth=100, over the
-    flattened batch. It runs from -1 (perfect) to about 0."""
-    return -metrics.dice_coef(masks, jax.nn.sigmoid(logits), weights)
+    flattened batch. It runs from -1 (perfect) to about 0. Another `tversky_beta` makes it the
+    (negative) Tversky index."""
+    probs = jax.nn.sigmoid(logits)
+    if tversky_beta == DICE_BETA:  # the notebook's formula, to the bit
+        return -metrics.dice_coef(masks, probs, weights)
+    return -tversky_index(masks, probs, weights, beta=tversky_beta)
 
 
-def bce_dice_loss(logits, masks, weights=None) -> jax.Array:
-    """Per-pixel binary cross-entropy plus the notebook's Dice loss."""
+def bce_dice_loss(logits, masks, weights=None, tversky_beta: float = DICE_BETA) -> jax.Array:
+    """Per-pixel binary cross-entropy plus the notebook's Dice (or Tversky) loss."""
     bce = optax.sigmoid_binary_cross_entropy(logits, masks.astype(jnp.float32))
     per_example = jnp.mean(bce.reshape(bce.shape[0], -1), axis=1)
     if weights is None:
         weights = jnp.ones(per_example.shape, jnp.float32)
     w = weights.astype(jnp.float32)
-    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0) + dice_loss(logits, masks, w)
+    mean_bce = jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return mean_bce + dice_loss(logits, masks, w, tversky_beta)
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {"dice": dice_loss, "bce_dice": bce_dice_loss}
 
 
-def get_loss(name: str) -> Callable[..., jax.Array]:
+def get_loss(name: str, tversky_beta: float = DICE_BETA) -> Callable[..., jax.Array]:
+    """The loss `name` as fn(logits, masks, weights), its overlap term weighted by
+    `tversky_beta`."""
     try:
-        return LOSSES[name]
+        loss = LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+    return functools.partial(loss, tversky_beta=float(tversky_beta))

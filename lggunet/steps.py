@@ -171,6 +171,7 @@ class StepOptions:
     tta: bool = False  # evaluation: average with the horizontally flipped prediction
     cosine: CosineSchedule | None = None  # training: the rate per step (None: plateau's)
     soft_targets: bool = False  # masks resized / warped without thresholding at 0.5
+    tversky_beta: float = 0.5  # the loss's overlap term: 0.5 Dice, more weighs missed tumour
 
     @classmethod
     def from_config(
@@ -192,6 +193,7 @@ class StepOptions:
             tta=tta,
             cosine=cosine,
             soft_targets=bool(config.soft_targets),
+            tversky_beta=float(config.tversky_beta),
         )
 
 
@@ -265,7 +267,7 @@ def train_step(
         images, masks = augment_lib.augment_batch(
             augment_rng, images, masks, options.augment, soft=options.soft_targets
         )
-    loss_fn = losses.get_loss(options.loss)
+    loss_fn = losses.get_loss(options.loss, options.tversky_beta)
 
     def compute_loss(params):
         logits, updates = state.apply_fn(
@@ -301,7 +303,9 @@ def eval_step(
     masks = batch["mask"].astype(jnp.float32)
     weights = batch["valid"].astype(jnp.float32)
     p = jnp.clip(probs, _EPS, 1 - _EPS)
-    loss = losses.get_loss(options.loss)(jnp.log(p) - jnp.log1p(-p), masks, weights)
+    loss = losses.get_loss(options.loss, options.tversky_beta)(
+        jnp.log(p) - jnp.log1p(-p), masks, weights
+    )
     out = _batch_metrics(loss, masks, probs, weights)
     out.update(metrics.slice_stats(masks, probs))
     image = batch["image"]

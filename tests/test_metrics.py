@@ -89,3 +89,44 @@ def test_bce_dice_loss_matches_numpy(soft_batch):
     logits = np.log(p / (1 - p))
     bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
     np.testing.assert_allclose(losses.bce_dice_loss(logits, t), bce - np_dice(t, p), rtol=1e-4)
+
+
+def np_tversky(t, p, beta, s=100.0):
+    t, p = t.ravel().astype(np.float64), p.ravel().astype(np.float64)
+    tp = np.sum(t * p)
+    fp, fn = np.sum((1 - t) * p), np.sum(t * (1 - p))
+    return (2 * tp + s) / (2 * tp + 2 * (1 - beta) * fp + 2 * beta * fn + s)
+
+
+def test_tversky_index_matches_numpy_and_is_the_notebook_dice_at_one_half(soft_batch):
+    t, p = soft_batch
+    w = np.array([1, 0, 1, 1], np.float32)
+    kept = np.array([0, 2, 3])
+    for beta in (0.3, 0.5, 0.7, 0.9):
+        expected = np_tversky(t[kept], p[kept], beta)
+        np.testing.assert_allclose(losses.tversky_index(t, p, w, beta=beta), expected, rtol=1e-5)
+    np.testing.assert_allclose(losses.tversky_index(t, p), np_dice(t, p), rtol=1e-5)
+    logits = np.log(p / (1 - p))
+    # At 0.5 the losses are the notebook's formula itself, not an algebraic equal.
+    assert losses.dice_loss(logits, t, tversky_beta=0.5) == losses.dice_loss(logits, t)
+    np.testing.assert_allclose(
+        losses.get_loss("dice", 0.7)(logits, t, w), -np_tversky(t[kept], p[kept], 0.7), rtol=1e-4
+    )
+    bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
+    np.testing.assert_allclose(
+        losses.get_loss("bce_dice", 0.7)(logits, t), bce - np_tversky(t, p, 0.7), rtol=1e-4
+    )
+
+
+def test_tversky_beta_above_one_half_costs_a_miss_more_than_a_false_alarm():
+    # 4 tumour pixels. Missing 2 of them: TP 2, FN 2, FP 0; two false alarms: TP 4, FP 2.
+    # By hand, smooth 0 and beta 0.7: 4 / (4 + 1.4 * 2) = 0.5882 and 8 / (8 + 0.6 * 2) = 0.8696;
+    # Dice (beta 0.5): 4 / 6 = 0.6667 and 8 / 10 = 0.8.
+    truth = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32).reshape(1, 2, 4, 1)
+    missed = np.array([1, 1, 0, 0, 0, 0, 0, 0], np.float32).reshape(1, 2, 4, 1)
+    alarms = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32).reshape(1, 2, 4, 1)
+    index = losses.tversky_index
+    assert float(index(truth, missed, beta=0.7, smooth=0.0)) == pytest.approx(4 / 6.8)
+    assert float(index(truth, alarms, beta=0.7, smooth=0.0)) == pytest.approx(8 / 9.2)
+    assert float(index(truth, missed, smooth=0.0)) == pytest.approx(4 / 6)
+    assert float(index(truth, alarms, smooth=0.0)) == pytest.approx(8 / 10)

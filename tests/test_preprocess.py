@@ -100,3 +100,34 @@ def test_train_step_trains_on_soft_targets_when_asked(tiny_config):
     _, out_binary = train.train_step(state, batch, jax.random.key(1), binary)
     _, out_soft = train.train_step(state, batch, jax.random.key(1), soft)
     assert abs(float(out_binary["loss"]) - float(out_soft["loss"])) > 1e-4
+
+
+def test_train_and_eval_steps_use_the_configured_tversky_beta(tiny_config):
+    config = tiny_config
+    config.augment.enabled = False
+    config.loss = "bce_dice"
+    state = steps.create_train_state(config, jax.random.key(0))
+    batch = make_batch(np.random.default_rng(7), n=4, size=32)
+    config.tversky_beta = 0.8
+    options = steps.StepOptions.from_config(config)
+    assert options.tversky_beta == 0.8
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images, masks, weights = steps.preprocess(batch, 32, options.normalize)
+    logits = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])[0]
+    p = np.asarray(jax.nn.sigmoid(logits), np.float64)[:3]  # the 4th example is padding
+    t = np.asarray(masks, np.float64)[:3]
+    bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
+    tp = np.sum(t * p)
+    fp, fn = np.sum(p) - tp, np.sum(t) - tp
+    tversky = (2 * tp + 100) / (2 * tp + 2 * 0.2 * fp + 2 * 0.8 * fn + 100)
+    _, out = train.train_step(state, batch, jax.random.key(1), options)
+    np.testing.assert_allclose(out["loss"], bce - tversky, rtol=1e-4)
+    # Evaluation scores the same loss (the validation loss that picks the best checkpoint).
+    probs = steps.probabilities(state, steps.normalized(batch, options.normalize), 32, False)
+    p = np.asarray(probs, np.float64)[:3]
+    bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
+    tp = np.sum(t * p)
+    fp, fn = np.sum(p) - tp, np.sum(t) - tp
+    tversky = (2 * tp + 100) / (2 * tp + 2 * 0.2 * fp + 2 * 0.8 * fn + 100)
+    evaluated = steps.eval_step(state, batch, options)
+    np.testing.assert_allclose(evaluated["loss"], bce - tversky, rtol=1e-4)

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 9  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 10  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_schedule = "plateau"
     config.warmup_epochs = 0.0
     config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
+    # The loss's overlap term as a Tversky index: (2TP+s) / (2TP + 2(1-b)FP + 2b FN + s).
+    # 0.5 is the notebook's Dice; above it a missed tumour pixel costs more than a false alarm.
+    config.tversky_beta = 0.5
     # Train on the masks as resized to data.image_size and warped by augmentation (bilinear,
     # values in [0, 1] at the edges) instead of thresholding them at 0.5 (Keras-style binary
     # masks). At 128x128 binary targets cap a perfect model at per-volume Dice 0.970, soft ones
