@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lggunet import context as context_lib
 from lggunet import intensity as intensity_lib
 from lggunet.intensity import IntensityParams
 
@@ -134,11 +135,26 @@ def augment_example(
     image = jnp.where(t["flip"], image[:, ::-1], image)
     mask = jnp.where(t["flip"], mask[:, ::-1], mask)
     if params.intensity is not None:
-        intensity = intensity_lib.draw(
-            jax.random.fold_in(key, 11), params.intensity, image.shape[-1]
-        )
-        image = intensity_lib.apply(image, intensity)
+        channels = min(image.shape[-1], context_lib.CHANNELS)
+        intensity = intensity_lib.draw(jax.random.fold_in(key, 11), params.intensity, channels)
+        if image.shape[-1] > channels:  # a 2.5D stack of slices
+            image = _per_slice(image, intensity)
+        else:
+            image = intensity_lib.apply(image, intensity)
     return image, mask
+
+
+def _per_slice(image: jax.Array, t: dict[str, jax.Array]) -> jax.Array:
+    """A 2.5D input (channels 3g .. 3g + 2: slice g of the stack) under the same intensity
+    transforms on every slice, each slice with its own noise."""
+    h, w, c = image.shape
+    stack = image.reshape(h, w, c // context_lib.CHANNELS, context_lib.CHANNELS)
+
+    def one(g, x):
+        return intensity_lib.apply(x, {**t, "noise_key": jax.random.fold_in(t["noise_key"], g)})
+
+    out = jax.vmap(one, in_axes=(0, 2), out_axes=2)(jnp.arange(stack.shape[2]), stack)
+    return out.reshape(h, w, c)
 
 
 def augment_batch(

@@ -59,6 +59,7 @@ ADDED = {
     "profile.first_step": (9, 0),
     "profile.steps": (9, 5),
     "tversky_beta": (10, 0.5),
+    "data.context_slices": (10, 0),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -94,6 +95,7 @@ RANGES = {
     "data.num_threads": (1, 1024, True),
     "data.num_workers": (0, 1024, True),
     "data.oversample_tumour": (1, 100, True),
+    "data.context_slices": (0, 8, True),
     "augment.rotation_range": (0, 180, True),
     "augment.width_shift_range": (0, 1, True),
     "augment.height_shift_range": (0, 1, True),
@@ -355,4 +357,5 @@ def describe(config: ml_collections.ConfigDict) -> str:
         f"batch {config.batch_size}, {config.num_epochs} epochs"
         + (", cosine learning rate" if config.lr_schedule == "cosine" else "")
         + (f", tumour slices x{oversample:g}" if oversample > 1 else "")
+        + (f", 2.5D ({k} slices each side)" if (k := config.data.context_slices) else "")
     )

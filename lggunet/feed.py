@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import input_pipeline
+from lggunet import context, input_pipeline
 from lggunet.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ class Feed:
         self.read = {"num_threads": config.data.num_threads, "num_workers": config.data.num_workers}
         self.shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
         fields = {}
-        for field in ("tumour_area", "patient_id"):
+        for field in ("tumour_area", "patient_id", "slice_index"):
             fields[field] = {
                 split: input_pipeline.read_field(
                     functools.partial(builder.as_data_source, split), field
@@ -43,6 +43,16 @@ class Feed:
             split: np.array([input_pipeline.as_text(x) for x in ids])
             for split, ids in fields["patient_id"].items()
         }
+        if config.data.context_slices:  # 2.5D: each example with its neighbours' images
+            self.sources = {
+                split: context.with_context(
+                    source,
+                    config.data.context_slices,
+                    self.patient_id[split],
+                    fields["slice_index"][split],
+                )
+                for split, source in self.sources.items()
+            }
         self.cache = {}
         if config.data.device_cache:
             for split in ("train", "validation"):

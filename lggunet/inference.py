@@ -29,6 +29,7 @@ from absl import logging
 
 from lggunet import configuration, kaggle3m, models, normalization, postprocessing, steps, workdirs
 from lggunet.checkpointing import CheckpointStore
+from lggunet.context import normalize_stacked, volume_neighbours
 from lggunet.errors import ConfigError
 from lggunet.inputs import check_images, check_statistics, check_threshold
 
@@ -47,8 +48,8 @@ __all__ = [
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "normalize", "tta"))
-def _probabilities(weights, images, mean, std, brain, *, image_size, normalize, tta):
-    x = normalization.normalize_images(images, normalize, mean, std, brain)
+def _probabilities(weights, images, neighbours, mean, std, brain, *, image_size, normalize, tta):
+    x = normalize_stacked(images, neighbours, normalize, mean, std, brain)
     return steps.probabilities(weights, x, image_size, tta)[..., 0]
 
 
@@ -62,6 +63,7 @@ class Model:
     normalize: str = "scale"
     tta: bool = False  # average with the horizontally flipped prediction
     batch_size: int = 16
+    context_slices: int = 0  # 2.5D: neighbours on each side stacked as channels
     step: int | None = None  # the training step of the checkpoint
     record: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON record
     config: ml_collections.ConfigDict | None = dataclasses.field(default=None, repr=False)
@@ -80,6 +82,7 @@ class Model:
             f"Model(U-Net features={self.module.features} depth={self.module.depth}, "
             f"{count / 1e6:.2f}M parameters, input {self.image_size}x{self.image_size}, "
             f"normalize={self.normalize!r}, tta={self.tta}, "
+            + (f"context_slices={self.context_slices}, " if self.context_slices else "")
             + (f"{self.record['name']}, " if self.record.get("name") else "")
             + f"checkpoint step {self.step})"
         )
@@ -95,6 +98,8 @@ class Model:
         Per-patient normalisations (`zscore_volume`, `brain_zscore`) use the given statistics
         (`volume_mean`/`volume_std` (3,) or (N, 3); `brain_stats` (6, 3) or (N, 6, 3), see
         `lggunet.normalization`), or, if none are given, those of `images` taken as one volume.
+        A 2.5D model (`context_slices` > 0) takes `images` as one volume in slice order: each
+        slice's neighbours are the slices beside it in `images`.
         """
         images = check_images(images, scale)
         single = images.ndim == 3
@@ -120,6 +125,9 @@ class Model:
         std = np.broadcast_to(
             np.asarray(1.0 if volume_std is None else volume_std, np.float32), (len(images), 3)
         )
+        table = None
+        if self.context_slices:
+            table = volume_neighbours(len(images), self.context_slices)
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = slice(start, start + self.batch_size)
@@ -129,9 +137,11 @@ class Model:
             def padded(a, pad=pad):
                 return np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a
 
+            neighbours = None if table is None else padded(images[table[chunk]])
             probs = _probabilities(
                 self.weights,
                 padded(images[chunk].astype(np.float32)),
+                neighbours,
                 padded(mean[chunk]),
                 padded(std[chunk]),
                 padded(brain[chunk]),
@@ -283,6 +293,7 @@ def _model(config, variables: dict, step, record: dict, tta: bool | None) -> Mod
         normalize=config.data.normalize,
         tta=config.predict.tta if tta is None else tta,
         batch_size=max(1, min(config.eval_batch_size, 32)),
+        context_slices=config.data.context_slices,
         step=step,
         record=record,
         config=config,

@@ -1,8 +1,9 @@
 """tfds `array_record` files -> grain -> batches of numpy arrays, padded to a fixed size.
 
 Every batch is a dict: `image` uint8 (B, 256, 256, 3), `mask` uint8 (B, 256, 256, 1),
-`valid` bool (B,) (False on padding), `volume_mean` and `volume_std` float32 (B, 3) and
-`brain_stats` float32 (B, 6, 3) (the patient's statistics, see `lggunet.normalization`), and,
+`valid` bool (B,) (False on padding), `volume_mean` and `volume_std` float32 (B, 3),
+`brain_stats` float32 (B, 6, 3) (the patient's statistics, see `lggunet.normalization`), from
+a `lggunet.context` source `context` uint8 (B, 2k, 256, 256, 3) (the neighbours' images), and,
 kept on the host, `slice_index` int32, `tumour_area` int32 and `patient_id` str (B,). The last
 batch of an epoch is padded with copies of real examples marked `valid=False`, so shapes stay
 static and every example is used exactly once (or `repeats` times, when tumour slices are
@@ -26,7 +27,7 @@ from absl import flags
 
 from lggunet import parallel
 
-DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std", "brain_stats")
+DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std", "brain_stats", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +90,9 @@ class _PlannedBatches:
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         examples = [self._source[int(j)] for j in self._plan.indices[i]]
         extra = {}
-        if "brain_stats" in examples[0]:  # data prepared before version 1.2.0 lacks it
-            extra["brain_stats"] = np.stack([e["brain_stats"] for e in examples])
+        for key in ("brain_stats", "context"):  # brain_stats: data prepared since 1.2.0
+            if key in examples[0]:
+                extra[key] = np.stack([e[key] for e in examples])
         return {
             **extra,
             "image": np.stack([e["image"] for e in examples]),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lggunet import context
 from lggunet.errors import ConfigError
 
 
@@ -175,7 +176,8 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict:
     """The shapes and dtypes of the model's `params` and `batch_stats` (no computation)."""
     module = create(config)
     size = config.data.image_size
+    channels = context.input_channels(config.data.context_slices)
     shapes = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, channels)), train=False)
     )
     return {k: shapes[k] for k in ("params", "batch_stats") if k in shapes}

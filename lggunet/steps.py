@@ -22,8 +22,8 @@ from flax import struct
 from flax.training import train_state
 
 from lggunet import augment as augment_lib
+from lggunet import context as context_lib
 from lggunet import losses, metrics, models, parallel
-from lggunet.normalization import normalize_images
 
 Batch = dict[str, jax.Array]
 _EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before a loss takes their logit
@@ -64,7 +64,8 @@ def plateau_schedule(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
     model = models.create(config)
     size = config.data.image_size
-    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    channels = context_lib.input_channels(config.data.context_slices)
+    variables = model.init(rng, jnp.zeros((1, size, size, channels), jnp.float32), train=False)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
     params = variables["params"]
     state = TrainState.create(
@@ -105,9 +106,11 @@ def with_learning_rate(state: TrainState, rate: jax.Array) -> TrainState:
 
 def normalized(batch: Batch, normalize: str) -> jax.Array:
     """The batch's uint8 images, normalised per `normalize` with each example's statistics
-    (see `lggunet.normalization`), at their own size."""
-    return normalize_images(
+    (see `lggunet.normalization`), at their own size; with its neighbours' images stacked
+    as further channels when the batch carries `context` (`lggunet.context`)."""
+    return context_lib.normalize_stacked(
         batch["image"],
+        batch.get("context"),
         normalize,
         batch.get("volume_mean"),
         batch.get("volume_std"),
@@ -125,7 +128,7 @@ def preprocess(
     masks = batch["mask"].astype(jnp.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:
         b = images.shape[0]
-        images = jax.image.resize(images, (b, image_size, image_size, 3), "linear")
+        images = jax.image.resize(images, (b, image_size, image_size, images.shape[-1]), "linear")
         masks = jax.image.resize(masks, (b, image_size, image_size, 1), "linear")
         if not soft:
             masks = (masks >= 0.5).astype(jnp.float32)
@@ -138,7 +141,7 @@ def probabilities(
     image_size: int,
     tta: bool = False,
 ) -> jax.Array:
-    """p(tumour) (B, H, W, 1) float32 at the size of `images` (normalised, (B, H, W, 3)):
+    """p(tumour) (B, H, W, 1) float32 at the size of `images` (normalised, (B, H, W, C)):
     the network sees them resized to `image_size` (bilinear) and its probabilities are
     resized back. With `tta`, averaged with the prediction on the horizontally flipped
     slices; for a tuple of models (an ensemble of one architecture), their mean. The one
@@ -149,7 +152,7 @@ def probabilities(
     b, h, w, _ = images.shape
     x = images
     if (h, w) != (image_size, image_size):
-        x = jax.image.resize(images, (b, image_size, image_size, 3), "linear")
+        x = jax.image.resize(images, (b, image_size, image_size, images.shape[-1]), "linear")
     variables = {"params": model.params, "batch_stats": model.batch_stats}
     probs = jax.nn.sigmoid(model.apply_fn(variables, x, train=False))
     if tta:

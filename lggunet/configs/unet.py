@@ -111,6 +111,10 @@ def _data() -> ml_collections.ConfigDict:
     data.normalize = "scale"
     data.skip_invalid = False  # True: leave out bad slices (each reported) instead of stopping
     data.oversample_tumour = 1.0  # tumour slices appear this many times per epoch
+    # 2.5D input: the images of this many neighbouring slices on each side of a slice (same
+    # patient, nearest slice repeated past the volume's ends) as further input channels,
+    # normalised and augmented with the slice (lggunet.context). 0: one slice, 3 channels.
+    data.context_slices = 0
 
     return data
 
