@@ -100,7 +100,9 @@ def predict(
         uint8 in 0..255 as in the TIFFs, or float with `scale`, the factor that brings them
         to 0..255 (scale=255 for images in [0, 1], scale=1 for floats already on 0..255).
         Any H, W (resized to the model's input, masks mapped back). Pass one patient's
-        slices together: the model normalises with the volume's statistics.
+        slices together: the model normalises with the volume's statistics. A 2.5D model
+        (`data.context_slices` > 0) reads each slice with the ones beside it: give it a
+        volume's slices in order (one (H, W, 3) slice is refused).
     model: `load_model(...)`.
     threshold: p(tumour) above which a pixel is tumour, in (0, 1).
     largest_connected_component: keep only the largest 3D component (the slices taken as

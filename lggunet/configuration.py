@@ -115,7 +115,9 @@ RANGES = {
 
 
 # Counts, where 7.5 would be truncated somewhere rather than refused.
-WHOLE_NUMBERS = frozenset({"evaluate.detection_min_pixels", "predict.min_component_voxels"})
+WHOLE_NUMBERS = frozenset(
+    {"evaluate.detection_min_pixels", "predict.min_component_voxels", "data.context_slices"}
+)
 
 
 _MISSING = object()
@@ -183,6 +185,12 @@ def _check_split(data: ml_collections.ConfigDict) -> None:
     if folds and data.split_mode != "patient":
         raise ConfigError(
             "data.cv_folds, data.cv_fold: cross-validation splits by patient (split_mode)"
+        )
+    if data.context_slices and data.split_mode != "patient":
+        raise ConfigError(
+            f"data.context_slices={data.context_slices} needs whole volumes in each split "
+            f"(data.split_mode='patient', not {data.split_mode!r}): a slice-level split "
+            "separates a slice from its neighbours"
         )
     if data.split_mode not in splits.SPLIT_MODES:
         raise ConfigError(

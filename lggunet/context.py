@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lggunet import normalization
+from lggunet.errors import DataError
 
 CHANNELS = 3  # channels of one slice: pre-contrast, FLAIR, post-contrast
 
@@ -49,7 +50,10 @@ def neighbour_table(patient_ids: Sequence[str], slice_indices: Sequence[int], k:
         ordered = members[np.argsort(numbers[members], kind="stable")]
         repeated = np.flatnonzero(np.diff(numbers[ordered]) == 0)
         if len(repeated):
-            raise ValueError(f"patient {pid}: slice {numbers[ordered[repeated[0]]]} appears twice")
+            raise DataError(
+                f"patient {pid}: slice {numbers[ordered[repeated[0]]]} appears twice (two scans "
+                "of one patient?): 2.5D input needs one volume per patient"
+            )
         table[ordered] = ordered[volume_neighbours(len(ordered), k)]
     return table
 

@@ -30,7 +30,7 @@ from absl import logging
 from lggunet import configuration, kaggle3m, models, normalization, postprocessing, steps, workdirs
 from lggunet.checkpointing import CheckpointStore
 from lggunet.context import normalize_stacked, volume_neighbours
-from lggunet.errors import ConfigError
+from lggunet.errors import ConfigError, InputError
 from lggunet.inputs import check_images, check_statistics, check_threshold
 
 __all__ = [
@@ -103,6 +103,11 @@ class Model:
         """
         images = check_images(images, scale)
         single = images.ndim == 3
+        if single and self.context_slices:
+            raise InputError(
+                f"a 2.5D model (context_slices={self.context_slices}) reads each slice with "
+                "its neighbours: give it the (N, H, W, 3) slices of a volume in order"
+            )
         if single:
             images = images[None]
         for name, value, shape in (

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from lggunet import parallel
+from lggunet import context, parallel
 
 DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std", "brain_stats", "context")
 
@@ -183,16 +183,21 @@ def read_field(data_source_factory, field: str) -> np.ndarray:
     return np.array([source[i][field] for i in range(len(source))])
 
 
-def _gather_rows(arrays: dict, idx: jax.Array) -> dict:
-    """The rows `idx` of every array: a batch gathered from the device cache."""
-    return jax.tree.map(lambda a: a[idx], arrays)
+def _gather_rows(arrays: dict, idx: jax.Array, neighbours: jax.Array | None = None) -> dict:
+    """The rows `idx` of every array: a batch gathered from the device cache; with the
+    (N, 2k) `neighbours` table of a 2.5D source, their images as `context` too."""
+    batch = jax.tree.map(lambda a: a[idx], arrays)
+    if neighbours is not None:
+        batch["context"] = arrays["image"][neighbours[idx]]
+    return batch
 
 
 class DeviceCache:
     """A whole split on the accelerator (uint8), batches gathered there by index.
 
     The full data set is about 1 GB as uint8 (a copy on every device of the mesh); use it
-    when that fits beside the model.
+    when that fits beside the model. A 2.5D source (`lggunet.context`) is held once, with its
+    neighbour table: each batch's neighbours are gathered from it.
     """
 
     def __init__(
@@ -203,6 +208,9 @@ class DeviceCache:
     ):
         if jax.process_count() > 1:
             raise ValueError("the device cache works in single-process runs only")
+        neighbours = None
+        if isinstance(data_source, context.ContextSource):
+            data_source, neighbours = data_source.source, data_source.neighbours
         plan = epoch_plan(len(data_source), 64, shuffle=False)
         parts = list(iterate(data_source, plan, num_threads=num_threads, prefetch=num_threads))
         host = {k: np.concatenate([p[k][p["valid"]] for p in parts]) for k in parts[0]}
@@ -211,6 +219,9 @@ class DeviceCache:
         # On every device of the mesh (replicated): each gathers its rows of a batch locally.
         place = self._place = None if mesh is None else parallel.replicated(mesh)
         self.device = jax.device_put({k: v for k, v in host.items() if k in DEVICE_KEYS}, place)
+        self._neighbours = None  # a 2.5D source's (N, 2k) neighbour table, on the devices
+        if neighbours is not None:
+            self._neighbours = jax.device_put(neighbours.astype(np.int32), place)
         out = None if mesh is None else parallel.batch_sharded(mesh)
         self._gather = jax.jit(_gather_rows, out_shardings=out)  # named so in profiles
         self._valid_sharding = out
@@ -222,6 +233,7 @@ class DeviceCache:
         for i in range(start, len(plan)):
             idx = plan.indices[i]
             batch = {k: v[idx] for k, v in self.host.items()}
-            batch.update(self._gather(self.device, jax.device_put(idx, self._place)))
+            idx = jax.device_put(idx, self._place)
+            batch.update(self._gather(self.device, idx, self._neighbours))
             batch["valid"] = jax.device_put(plan.valid[i], self._valid_sharding)
             yield batch

@@ -23,15 +23,21 @@ def figure(**kwargs) -> Figure:
 LOSS_TITLES = {"dice": "loss (-Dice, smooth=100)", "bce_dice": "loss (BCE - Dice, smooth=100)"}
 
 
-def training_curves(metrics_jsonl: str | Path, out_png: str | Path, loss: str = "dice") -> Path:
-    """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl."""
+def training_curves(
+    metrics_jsonl: str | Path, out_png: str | Path, loss: str = "dice", tversky_beta: float = 0.5
+) -> Path:
+    """Loss, Dice (notebook and per-volume) and learning rate per epoch, from metrics.jsonl
+    (the loss's overlap term a Tversky index when `tversky_beta` is not 0.5)."""
     records = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
     epochs = [r["epoch"] for r in records]
     fig = figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in records], label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation")
-    axes[0].set_title(LOSS_TITLES.get(loss, f"loss ({loss})"))
+    title = LOSS_TITLES.get(loss, f"loss ({loss})")
+    if tversky_beta != 0.5:
+        title = title.replace("Dice", f"Tversky b={tversky_beta:g}")
+    axes[0].set_title(title)
     axes[1].plot(epochs, [r["train_dice"] for r in records], label="train Dice (notebook)")
     axes[1].plot(epochs, [r["val_dice"] for r in records], label="val Dice (notebook)")
     axes[1].plot(epochs, [r["val_volume_dice"] for r in records], label="val per-volume Dice")

@@ -116,6 +116,21 @@ def _one_size(patient: str, loaded: list, result: PredictResult) -> bool:
     return False
 
 
+def _stack_problem(model, items: list, loaded: list) -> str:
+    """Why a 2.5D model (each slice read with its neighbours) cannot predict this volume: its
+    slice order unknown or broken, or a slice unread; "" when it can (or the model is 2D)."""
+    members = getattr(model, "members", [model])
+    k = max(member.context_slices for member in members)
+    if not k:
+        return ""
+    why = scans.order_problem(items) or (
+        f"{len(items) - len(loaded)} of its {len(items)} slices unread"
+        if len(loaded) < len(items)
+        else ""
+    )
+    return why and f"{why}, and the 2.5D model (context_slices={k}) needs every slice in order"
+
+
 def _predict_volume(
     model, arrays: list[np.ndarray], threshold: float, lcc: bool, min_voxels: int
 ) -> list:
@@ -270,6 +285,10 @@ def predict_path(
         loaded = _load(items, result)
         done += len(items)
         if not loaded or not _one_size(patient, loaded, result):
+            continue
+        problem = _stack_problem(model, items, loaded)
+        if problem:
+            _fail(result, f"{patient}: {problem}: not predicted")
             continue
         arrays = [a for _, a in loaded]
         preds = _predict_volume(

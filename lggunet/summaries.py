@@ -86,7 +86,8 @@ def draw_final(predict_fn, state, feed, mesh, workdir: Path, count: int) -> None
     )
     if parallel.is_main_process():
         curves = workdir / "curves.png"
-        plots.training_curves(workdir / "metrics.jsonl", curves, feed.config.loss)
+        config = feed.config
+        plots.training_curves(workdir / "metrics.jsonl", curves, config.loss, config.tversky_beta)
         grid = workdir / f"{shown}_predictions.png"
         plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
         logging.info("Wrote %s and %s", workdir / "curves.png", grid)

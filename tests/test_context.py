@@ -9,7 +9,19 @@ import numpy as np
 import pytest
 
 import lggunet
-from lggunet import augment, context, input_pipeline, normalization, report, steps, train
+from lggunet import (
+    augment,
+    configuration,
+    context,
+    dataset,
+    input_pipeline,
+    normalization,
+    predict_files,
+    report,
+    steps,
+    train,
+)
+from lggunet.errors import DataError, InputError
 from lggunet.intensity import IntensityParams
 
 
@@ -29,7 +41,7 @@ def test_neighbour_table_follows_slice_numbers_within_each_patient():
     table = context.neighbour_table(ids, numbers, 1)
     # a#1 (index 2): itself, a#2; a#2 (3): a#1, a#5; a#5 (0): a#2, itself; b#7: itself twice.
     np.testing.assert_array_equal(table, [[3, 0], [1, 1], [2, 3], [2, 0]])
-    with pytest.raises(ValueError, match="patient a: slice 2 appears twice"):
+    with pytest.raises(DataError, match="patient a: slice 2 appears twice"):
         context.neighbour_table(["a", "a", "a"], [2, 1, 2], 1)
 
 
@@ -144,11 +156,60 @@ def test_a_25d_run_trains_evaluates_and_predicts(tiny_config, tmp_path):
     )
     want = steps.probabilities(model.weights, x, model.image_size, model.tta)[..., 0]
     np.testing.assert_allclose(probs, want, atol=1e-5)
+    with pytest.raises(InputError, match="give it the"):
+        model(volume[0])  # one slice has no neighbours to read
+    # A patient's examples in the prepared data, stacked as training and evaluation stack
+    # them, are the network input that Model builds from the patient's volume.
+    source = dataset.prepare(config.data).as_data_source()["test"]
+    wrapped = context.with_context(source, 1)
+    pid = wrapped[0]["patient_id"]
+    mine = [i for i in range(len(wrapped)) if wrapped[i]["patient_id"] == pid]
+    mine.sort(key=lambda i: wrapped[i]["slice_index"])
+    plan = input_pipeline.EpochPlan(np.array([mine]), np.ones((1, len(mine)), bool))
+    batch = next(input_pipeline.iterate(wrapped, plan))
+    stacked = steps.normalized(input_pipeline.device_batch(batch), model.normalize)
+    volume = batch["image"]
+    neighbours = volume[context.volume_neighbours(len(mine), 1)]
+    by_hand = context.normalize_stacked(
+        volume, neighbours, model.normalize, brain_stats=batch["brain_stats"]
+    )
+    np.testing.assert_array_equal(stacked, by_hand)
     # --mode=evaluate stacks the neighbours as training's final evaluation did: same scores.
     scored = report.evaluate_run(config, workdir, splits=("test",))["splits"]["test"]
     plain = scored["variants"]["plain"]
     assert plain["volume_dice"]["mean"] == pytest.approx(final["test"]["volume_dice"], abs=1e-6)
     assert scored["notebook"]["plain"]["loss"] == pytest.approx(final["test"]["loss"], rel=1e-5)
+    # From files: a volume with a gap is refused (its slices' neighbours are unknown), a whole
+    # one predicted.
+    from tests.conftest import write_case
+
+    inputs = tmp_path / "in"
+    write_case(inputs, "TCGA_CS_0001_20000101", 3)
+    write_case(inputs, "TCGA_CS_0002_20000101", 4)
+    for name in ("TCGA_CS_0002_20000101_3.tif", "TCGA_CS_0002_20000101_3_mask.tif"):
+        (inputs / "TCGA_CS_0002_20000101" / name).unlink()
+    result = predict_files.predict_path(model, inputs, tmp_path / "out")
+    assert result.failures == [
+        "TCGA_CS_0002_20000101: slice(s) 3 missing between 1 and 4, and the 2.5D model "
+        "(context_slices=1) needs every slice in order: not predicted"
+    ]
+    assert result.masks_written == 3
+
+
+def test_25d_config_checks(tmp_path):
+    import ml_collections
+
+    from lggunet.configs import unet
+
+    config = unet.get_config()
+    config.data.context_slices = 1
+    config.data.split_mode = "slice"
+    with pytest.raises(configuration.ConfigError, match="separates a slice from its neighbours"):
+        configuration.check(config)
+    tree = unet.get_config().to_dict()
+    tree["data"]["context_slices"] = 1.5  # as a hand-edited config.json could say
+    with pytest.raises(configuration.ConfigError, match="context_slices=1.5 must be a whole"):
+        configuration.check_saved(ml_collections.ConfigDict(tree), tmp_path / "config.json")
 
 
 def test_the_device_cache_gathers_the_same_context_as_grain():
@@ -159,3 +220,4 @@ def test_the_device_cache_gathers_the_same_context_as_grain():
         cache.iterate(plan), input_pipeline.iterate(wrapped, plan), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(cached["context"]), read["context"])
+    assert "context" not in cache.device  # held once: the neighbours are gathered per batch
