@@ -117,10 +117,18 @@ def ensemble_scores(name: str, members: list[str], args) -> dict:
     missing = [w.name for w in workdirs if not (w / "report.json").exists()]
     if missing:
         return _record({"run": name, "error": f"members not finished: {missing}"}, args)
-    config = configuration.saved_config(workdirs[0])
-    members = tuple(inference.load_model(w).weights for w in workdirs)  # one architecture
+    configs = [configuration.saved_config(w) for w in workdirs]
+    config = configs[0]
+    # score_source feeds every member the first one's input: they must share it.
+    same = ("data.image_size", "data.normalize", "data.context_slices", "model.features")
+    differ = [
+        f for f in same if len({str(c[f.split(".")[0]][f.split(".")[1]]) for c in configs}) > 1
+    ]
+    if differ:
+        return _record({"run": name, "error": f"members differ in {differ}"}, args)
+    weights = tuple(inference.load_model(w).weights for w in workdirs)  # one architecture
     source = dataset.prepare(config.data).as_data_source()["validation"]
-    split = report.score_source(members, source, config, tta=True)
+    split = report.score_source(weights, source, config, tta=True)
     scores = report.score_split(split, config)[0]["variants"]
     row = {"run": name, "overrides": "ensemble of " + ",".join(members)}
     for variant, v in scores.items():

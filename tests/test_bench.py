@@ -392,3 +392,36 @@ def test_profile_loop_reads_a_real_trace_of_marked_steps(tmp_path):
     assert figures["steps"] == [3, 4]
     assert figures["jit_calls_per_step"] == {"fetch": 1.0, "step": 1.0}
     assert figures["host_ms_in_step_median"] > 0 and figures["step_period_ms_median"] > 0
+
+
+def test_device_screening_ensemble_of_one_model_twice_scores_as_the_model(tiny_config, tmp_path):
+    """bench/device_screening.py's ensemble row: the same model averaged with itself scores
+    what --mode=evaluate gives it alone; members of other inputs are refused."""
+    import json
+    import shutil
+    import types
+
+    from lggunet import report, train
+
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import device_screening
+    finally:
+        del sys.path[:2]
+
+    config = tiny_config
+    config.data.phantom = True
+    runs = tmp_path / "runs"
+    train.train_and_evaluate(config, str(runs / "a"))
+    alone = report.evaluate_run(config, runs / "a", splits=("validation",))
+    tta = alone["splits"]["validation"]["variants"]["tta"]["volume_dice"]
+    args = types.SimpleNamespace(runs=str(runs), out=str(tmp_path))
+    row = device_screening.ensemble_scores("aa", ["a", "a"], args)
+    assert row["overrides"] == "ensemble of a,a"
+    assert row["tta"] == pytest.approx([tta["mean"], tta["median"]], abs=1e-6)
+    shutil.copytree(runs / "a", runs / "b")
+    saved = json.loads((runs / "b" / "config.json").read_text())
+    saved["data"]["image_size"] = 64
+    (runs / "b" / "config.json").write_text(json.dumps(saved))
+    row = device_screening.ensemble_scores("ab", ["a", "b"], args)
+    assert row == {"run": "ab", "error": "members differ in ['data.image_size']"}
