@@ -5,13 +5,16 @@ bootstrap CI over patients, how many patients B scores better / worse, and B's m
     python bench/compare_cv.py runs/cv_a runs/cv_b
     python bench/compare_cv.py runs/cv_a runs/cv_b --finished-folds   # B still training
     python bench/compare_cv.py results/cv_cpu.csv runs/cv_b            # a kept baseline
+    python bench/compare_cv.py A_seed0,A_seed1 B_seed0,B_seed1          # seeds averaged
 
 Reads each workdir's cv_patients.csv (written by the cross-validation), or such a file itself
 (results/ keeps those of the cross-validations RESULTS.md reports); refuses two runs whose
 patients or folds differ, since then the pairs would not be the same held-out patients. With
 --finished-folds it reads instead the test patients of every fold that both runs have finished
 (a fold_done.json), from each fold's report_patients.csv: a look at a cross-validation before
-its last folds are done, said as such in the first line.
+its last folds are done, said as such in the first line. A side given as several runs
+separated by commas (e.g. two seeds of one recipe) is scored per patient as the mean of its
+runs, which must hold the same patients in the same folds.
 """
 
 from __future__ import annotations
@@ -89,26 +92,63 @@ def read_folds(run: Path, folds: list[int]) -> dict[str, dict[str, str]]:
     return read_finished_folds(run, folds)
 
 
+def read_group(runs: list[Path], folds: list[int] | None) -> dict[str, dict[str, str]]:
+    """The patients of one side: one run's rows, or several runs' scores averaged per patient
+    (on `folds` only, when given)."""
+    tables = [read(run) if folds is None else read_folds(run, folds) for run in runs]
+    first = tables[0]
+    for run, table in zip(runs[1:], tables[1:], strict=True):
+        if set(table) != set(first):
+            sys.exit(
+                f"{runs[0]} and {run} hold different patients: {sorted(set(table) ^ set(first))}"
+            )
+        moved = [p for p in first if first[p]["fold"] != table[p]["fold"]]
+        if moved:
+            sys.exit(f"{runs[0]} and {run} put patients in different folds: {moved[:5]}")
+    if len(tables) == 1:
+        return first
+    merged = {}
+    for p, row in first.items():
+        merged[p] = {"patient": p, "fold": row["fold"]}
+        for column in VARIANTS.values():
+            if all(column in table[p] for table in tables):
+                try:
+                    values = [float(table[p][column]) for table in tables]
+                except ValueError as e:
+                    sys.exit(f"a {column} that is not a number: {e}")
+                merged[p][column] = repr(float(np.mean(values)))
+    return merged
+
+
+def _runs(side: str) -> list[Path]:
+    return [Path(part) for part in side.split(",") if part]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "a", type=Path, help="the baseline cross-validation's workdir, or its cv_patients.csv"
+        "a",
+        type=_runs,
+        help="the baseline cross-validation's workdir, or its cv_patients.csv (several, "
+        "comma-separated: their mean per patient)",
     )
-    parser.add_argument("b", type=Path, help="the one compared with it")
+    parser.add_argument("b", type=_runs, help="the one compared with it (the same)")
     parser.add_argument(
         "--finished-folds",
         action="store_true",
         help="compare only the folds both runs have finished (for a run still training)",
     )
     args = parser.parse_args()
+    names = {side: ",".join(map(str, runs)) for side, runs in (("a", args.a), ("b", args.b))}
+    if not args.a or not args.b:
+        sys.exit("give a run (or runs) on each side")
+    folds = None
     if args.finished_folds:
-        folds = sorted(finished(args.a) & finished(args.b))
+        folds = sorted(set.intersection(*map(finished, args.a + args.b)))
         if not folds:
-            sys.exit(f"{args.a} and {args.b} have no finished fold in common")
-        print(f"Only folds {folds}, the ones both runs have finished.")
-        a, b = read_folds(args.a, folds), read_folds(args.b, folds)
-    else:
-        a, b = read(args.a), read(args.b)
+            sys.exit(f"{names['a']} and {names['b']} have no finished fold in common")
+        print(f"Only folds {folds}, the ones all runs have finished.")
+    a, b = read_group(args.a, folds), read_group(args.b, folds)
     if set(a) != set(b):
         sys.exit(f"the two runs hold different patients: {sorted(set(a) ^ set(b))}")
     moved = [p for p in a if a[p]["fold"] != b[p]["fold"]]
@@ -116,11 +156,14 @@ def main() -> None:
         sys.exit(f"the two runs put patients in different folds: {moved[:5]}")
     patients = sorted(a)
     if not patients:
-        sys.exit(f"{args.a} and {args.b}: no test patients to compare")
+        sys.exit(f"{names['a']} and {names['b']}: no test patients to compare")
     variants = {
         n: c for n, c in VARIANTS.items() if all(c in r for r in [*a.values(), *b.values()])
     }
-    print(f"{len(patients)} patients; A = {args.a}, B = {args.b}")
+    print(f"{len(patients)} patients; A = {names['a']}, B = {names['b']}")
+    for side, runs in (("A", args.a), ("B", args.b)):
+        if len(runs) > 1:
+            print(f"{side}: per patient, the mean of its {len(runs)} runs")
     left_out = sorted(set(VARIANTS) - set(variants))
     if left_out:
         print(f"Not scored in both runs, so not compared: {', '.join(left_out)}")

@@ -207,6 +207,26 @@ def test_compare_cv_takes_a_kept_cv_patients_csv_as_baseline(tmp_path):
     )
 
 
+def test_compare_cv_averages_the_runs_of_a_side_per_patient(tmp_path):
+    # Two seeds on each side; the second baseline seed holds fold 0 only (P1, P3).
+    _write_cv(tmp_path / "a0", {"P1": 0.5, "P2": 0.8, "P3": 0.1})
+    _write_cv(tmp_path / "a1", {"P1": 0.7, "P3": 0.3}, folds={"P3": 0})
+    _write_cv(tmp_path / "b0", {"P1": 0.9, "P2": 0.1, "P3": 0.2})
+    _write_fold(tmp_path / "b1", 0, {"P1": 0.6, "P3": 0.5})
+    _write_fold(tmp_path / "b1", 1, {"P2": 0.3}, done=False)
+    a = ",".join(str(tmp_path / n / "cv_patients.csv") for n in ("a0", "a1"))
+    b = f"{tmp_path / 'b0' / 'cv_patients.csv'},{tmp_path / 'b1'}"
+    cmd = [sys.executable, "bench/compare_cv.py", a, b, "--finished-folds"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Only folds [0]" in out.stdout and "A: per patient, the mean of its 2 runs" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| plain |"))
+    # By hand over P1, P3: A = (0.6, 0.2), B = (0.75, 0.35): means 0.4 and 0.55, +0.15 each.
+    assert "| 0.4000 | 0.5500 | +0.1500 (+0.1500 to +0.1500) | 2 / 0 |" in row
+    refused = subprocess.run(cmd[:-1], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "hold different patients: ['P2']" in refused.stderr
+
+
 def test_resolution_ceiling_round_trip_matches_a_hand_computed_edge():
     import importlib.util
 
