@@ -60,9 +60,11 @@ LOSSES: dict[str, Callable[..., jax.Array]] = {"dice": dice_loss, "bce_dice": bc
 
 def get_loss(name: str, tversky_beta: float = DICE_BETA) -> Callable[..., jax.Array]:
     """The loss `name` as fn(logits, masks, weights), its overlap term weighted by
-    `tversky_beta`."""
+    `tversky_beta` (a loss registered in LOSSES takes that keyword only when it is not 0.5)."""
     try:
         loss = LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+    if tversky_beta == DICE_BETA:
+        return loss
     return functools.partial(loss, tversky_beta=float(tversky_beta))
