@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import context, input_pipeline
+from lggunet import input_pipeline
 from lggunet.errors import ConfigError
 
 
@@ -45,7 +45,7 @@ class Feed:
         }
         if config.data.context_slices:  # 2.5D: each example with its neighbours' images
             self.sources = {
-                split: context.with_context(
+                split: input_pipeline.with_context(
                     source,
                     config.data.context_slices,
                     self.patient_id[split],

@@ -3,7 +3,7 @@
 Every batch is a dict: `image` uint8 (B, 256, 256, 3), `mask` uint8 (B, 256, 256, 1),
 `valid` bool (B,) (False on padding), `volume_mean` and `volume_std` float32 (B, 3),
 `brain_stats` float32 (B, 6, 3) (the patient's statistics, see `lggunet.normalization`), from
-a `lggunet.context` source `context` uint8 (B, 2k, 256, 256, 3) (the neighbours' images), and,
+a `ContextSource` `context` uint8 (B, 2k, 256, 256, 3) (the neighbours' images), and,
 kept on the host, `slice_index` int32, `tumour_area` int32 and `patient_id` str (B,). The last
 batch of an epoch is padded with copies of real examples marked `valid=False`, so shapes stay
 static and every example is used exactly once (or `repeats` times, when tumour slices are
@@ -26,6 +26,7 @@ import numpy as np
 from absl import flags
 
 from lggunet import context, parallel
+from lggunet.errors import DataError
 
 DEVICE_KEYS = ("image", "mask", "valid", "volume_mean", "volume_std", "brain_stats", "context")
 
@@ -170,6 +171,62 @@ def oversampling_repeats(tumour_area: np.ndarray, factor: float, seed: int, epoc
     return np.where(positive, whole + extra, 1).astype(np.int64)
 
 
+def neighbour_table(patient_ids: Sequence[str], slice_indices: Sequence[int], k: int) -> np.ndarray:
+    """(N, 2k) indices into the examples: each example's neighbours, by slice number among
+    the examples of its patient (in any order), clamped at the patient's first and last."""
+    ids = np.asarray([str(p) for p in patient_ids])
+    numbers = np.asarray(slice_indices, np.int64)
+    table = np.empty((len(ids), 2 * k), np.int64)
+    for pid in np.unique(ids):
+        members = np.flatnonzero(ids == pid)
+        ordered = members[np.argsort(numbers[members], kind="stable")]
+        repeated = np.flatnonzero(np.diff(numbers[ordered]) == 0)
+        if len(repeated):
+            raise DataError(
+                f"patient {pid}: slice {numbers[ordered[repeated[0]]]} appears twice (two scans "
+                "of one patient?): 2.5D input needs one volume per patient"
+            )
+        table[ordered] = ordered[context.volume_neighbours(len(ordered), k)]
+    return table
+
+
+class ContextSource(Sequence):
+    """A data source whose examples also carry `context`: the (2k, H, W, 3) uint8 images of
+    their neighbours."""
+
+    def __init__(self, source: Sequence[dict], k: int, patient_ids=None, slice_indices=None):
+        """`patient_ids` and `slice_indices` of the examples, if known (else read from them)."""
+        self.source, self.k = source, k
+        if patient_ids is None or slice_indices is None:
+            examples = (source[i] for i in range(len(source)))
+            pairs = ((as_text(e["patient_id"]), int(e["slice_index"])) for e in examples)
+            patient_ids, slice_indices = zip(*pairs, strict=True)
+        if len(patient_ids) != len(source) or len(slice_indices) != len(source):
+            raise ValueError("one patient id and slice number per example are needed")
+        self.neighbours = neighbour_table([as_text(p) for p in patient_ids], slice_indices, k)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        example = dict(self.source[i])
+        example["context"] = np.stack([self.source[int(j)]["image"] for j in self.neighbours[i]])
+        return example
+
+
+def with_context(
+    source: Sequence[dict], k: int, patient_ids=None, slice_indices=None
+) -> Sequence[dict]:
+    """`source` whose examples carry their neighbours' images (itself for k = 0)."""
+    if isinstance(source, ContextSource):
+        if source.k == k:
+            return source
+        source = source.source
+    if k == 0 or len(source) == 0:
+        return source
+    return ContextSource(source, k, patient_ids, slice_indices)
+
+
 def read_field(data_source_factory, field: str) -> np.ndarray:
     """One scalar field of every example, reading without decoding the images.
 
@@ -196,7 +253,7 @@ class DeviceCache:
     """A whole split on the accelerator (uint8), batches gathered there by index.
 
     The full data set is about 1 GB as uint8 (a copy on every device of the mesh); use it
-    when that fits beside the model. A 2.5D source (`lggunet.context`) is held once, with its
+    when that fits beside the model. A 2.5D source (`ContextSource`) is held once, with its
     neighbour table: each batch's neighbours are gathered from it.
     """
 
@@ -209,7 +266,7 @@ class DeviceCache:
         if jax.process_count() > 1:
             raise ValueError("the device cache works in single-process runs only")
         neighbours = None
-        if isinstance(data_source, context.ContextSource):
+        if isinstance(data_source, ContextSource):
             data_source, neighbours = data_source.source, data_source.neighbours
         plan = epoch_plan(len(data_source), 64, shuffle=False)
         parts = list(iterate(data_source, plan, num_threads=num_threads, prefetch=num_threads))

@@ -22,7 +22,6 @@ from absl import logging
 
 from lggunet import (
     configuration,
-    context,
     dataset,
     evaluator,
     inference,
@@ -59,7 +58,7 @@ def score_source(
     mesh = parallel.data_mesh()
     weights = jax.device_put(weights, parallel.replicated(mesh))  # on every device of the mesh
     options = dataclasses.replace(steps.StepOptions.from_config(config), augment=None)
-    source = context.with_context(source, config.data.context_slices)
+    source = input_pipeline.with_context(source, config.data.context_slices)
     plan = input_pipeline.epoch_plan(len(source), config.eval_batch_size, shuffle=False)
     out = {}
     for name, flip in (("plain", False), ("tta", True)):

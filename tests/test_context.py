@@ -38,11 +38,11 @@ def test_neighbour_table_follows_slice_numbers_within_each_patient():
     # Patient a's slices 1, 2, 5 in scrambled order (5 follows 2: the nearest it has), b's one.
     ids = ["a", "b", "a", "a"]
     numbers = [5, 7, 1, 2]
-    table = context.neighbour_table(ids, numbers, 1)
+    table = input_pipeline.neighbour_table(ids, numbers, 1)
     # a#1 (index 2): itself, a#2; a#2 (3): a#1, a#5; a#5 (0): a#2, itself; b#7: itself twice.
     np.testing.assert_array_equal(table, [[3, 0], [1, 1], [2, 3], [2, 0]])
     with pytest.raises(DataError, match="patient a: slice 2 appears twice"):
-        context.neighbour_table(["a", "a", "a"], [2, 1, 2], 1)
+        input_pipeline.neighbour_table(["a", "a", "a"], [2, 1, 2], 1)
 
 
 def _fake_source(num=5):
@@ -66,7 +66,7 @@ def _fake_source(num=5):
 
 def test_context_source_carries_the_neighbours_images():
     source = _fake_source()
-    wrapped = context.with_context(source, 1)
+    wrapped = input_pipeline.with_context(source, 1)
     assert len(wrapped) == 5
     # p holds examples 0, 2, 4 (slices 0, 2, 4); q holds 1, 3.
     want = {0: [0, 2], 2: [0, 4], 4: [2, 4], 1: [1, 3], 3: [1, 3]}
@@ -76,9 +76,9 @@ def test_context_source_carries_the_neighbours_images():
         np.testing.assert_array_equal(got, np.stack([source[j]["image"] for j in neighbours]))
         np.testing.assert_array_equal(wrapped[i]["image"], source[i]["image"])
     assert "context" not in source[0]  # the source itself is left alone
-    assert context.with_context(wrapped, 1) is wrapped
-    assert context.with_context(wrapped, 0) is source
-    given = context.with_context(source, 1, ["p", "q", "p", "q", "p"], range(5))
+    assert input_pipeline.with_context(wrapped, 1) is wrapped
+    assert input_pipeline.with_context(wrapped, 0) is source
+    given = input_pipeline.with_context(source, 1, ["p", "q", "p", "q", "p"], range(5))
     np.testing.assert_array_equal(given.neighbours, wrapped.neighbours)
     # Batches stack it like the other device keys.
     plan = input_pipeline.epoch_plan(5, 4, shuffle=False)
@@ -161,7 +161,7 @@ def test_a_25d_run_trains_evaluates_and_predicts(tiny_config, tmp_path):
     # A patient's examples in the prepared data, stacked as training and evaluation stack
     # them, are the network input that Model builds from the patient's volume.
     source = dataset.prepare(config.data).as_data_source()["test"]
-    wrapped = context.with_context(source, 1)
+    wrapped = input_pipeline.with_context(source, 1)
     pid = wrapped[0]["patient_id"]
     mine = [i for i in range(len(wrapped)) if wrapped[i]["patient_id"] == pid]
     mine.sort(key=lambda i: wrapped[i]["slice_index"])
@@ -213,7 +213,7 @@ def test_25d_config_checks(tmp_path):
 
 
 def test_the_device_cache_gathers_the_same_context_as_grain():
-    wrapped = context.with_context(_fake_source(7), 1)
+    wrapped = input_pipeline.with_context(_fake_source(7), 1)
     cache = input_pipeline.DeviceCache(wrapped, num_threads=1)
     plan = input_pipeline.epoch_plan(7, 3, shuffle=True, seed=4)
     for cached, read in zip(
