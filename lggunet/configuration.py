@@ -16,6 +16,7 @@ from lggunet import files, splits
 from lggunet.augment import PRESETS
 from lggunet.errors import ConfigError
 from lggunet.losses import LOSSES
+from lggunet.models import NORMS
 from lggunet.normalization import NORMALIZATIONS
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 10  # `config_version` of configs written by this lggunet
+VERSION = 11  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -60,6 +61,7 @@ ADDED = {
     "profile.steps": (9, 5),
     "tversky_beta": (10, 0.5),
     "data.context_slices": (10, 0),
+    "model.norm": (11, "batch"),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -225,6 +227,8 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         )
     if config.num_epochs <= 0 or config.learning_rate <= 0:
         raise ConfigError("num_epochs and learning_rate must be positive")
+    if config.model.norm not in NORMS:
+        raise ConfigError(f"model.norm={config.model.norm!r}: use one of {list(NORMS)}")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
     if config.evaluate.checkpoint not in CHECKPOINTS:

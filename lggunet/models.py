@@ -32,19 +32,29 @@ class PixelLinear(nn.Module):
         return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0]) + bias
 
 
+NORMS = ("batch", "instance")  # model.norm
+
+
 class ConvBlock(nn.Module):
-    """Two 3x3 convolutions, each followed by BatchNorm (optional) and ReLU."""
+    """Two 3x3 convolutions, each followed by a normalisation (optional) and ReLU: `norm`
+    "batch" (BatchNorm, the notebook's) or "instance" (each example's feature maps by their
+    own mean and variance over the image, as nnU-Net: no running statistics, the same
+    computation at training and inference)."""
 
     features: int
     batch_norm: bool = True
     dtype: Any = jnp.float32
     bn_momentum: float = 0.99
+    norm: str = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for _ in range(2):
             x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype)(x)
-            if self.batch_norm:
+            if self.batch_norm and self.norm == "instance":
+                # PyTorch's (and so nnU-Net's) epsilon, with a learnt scale and offset.
+                x = nn.InstanceNorm(epsilon=1e-5, dtype=self.dtype)(x)
+            elif self.batch_norm:
                 # Keras's epsilon 1e-3 and (by default) momentum 0.99, as in the notebook.
                 x = nn.BatchNorm(
                     use_running_average=not train,
@@ -103,6 +113,8 @@ class UNet(nn.Module):
     `output_bias` is the initial bias of the output logit: 0 (p = 0.5 everywhere at the start,
     as Keras) or a prior such as -4 (p ~ 0.018, near the share of tumour pixels), which spares
     the first steps of unlearning p = 0.5 on the background (Lin et al. 2017, RetinaNet).
+    `norm` is the normalisation of every convolution ("batch" or "instance"; `batch_norm`
+    False: none).
     `accelerator` picks the layer forms a GPU runs faster (`PixelLinear` for the output
     layer): same parameters, the same result up to float rounding. `create` sets it from
     `model.gpu_layers` ("auto": where JAX's default backend is not the CPU, so CPU runs stay
@@ -117,6 +129,7 @@ class UNet(nn.Module):
     bn_momentum: float = 0.99
     output_bias: float = 0.0
     accelerator: bool = False
+    norm: str = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +138,9 @@ class UNet(nn.Module):
         x = x.astype(self.dtype)
 
         def block(width: int) -> ConvBlock:
-            return ConvBlock(width, self.batch_norm, self.dtype, self.bn_momentum)
+            if self.norm not in NORMS:
+                raise ValueError(f"norm={self.norm!r}: use one of {list(NORMS)}")
+            return ConvBlock(width, self.batch_norm, self.dtype, self.bn_momentum, self.norm)
 
         skips = []
         for level in range(self.depth):
@@ -160,6 +175,7 @@ def create(config: ml_collections.ConfigDict) -> UNet:
         output_bias=float(config.model.output_bias),
         dtype=jnp.dtype(config.dtype),
         accelerator=gpu_layers(config),
+        norm=config.model.norm,
     )
 
 

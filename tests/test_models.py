@@ -169,6 +169,58 @@ def test_batchnorm_running_mean_follows_momentum(momentum):
     np.testing.assert_allclose(running, (1 - momentum) * out.mean(axis=(0, 1, 2)), atol=1e-5)
 
 
+def test_instance_norm_matches_numpy_and_ignores_the_batch():
+    """With norm="instance" the first normalisation layer's output is the first convolution's
+    output standardised per example and channel over the image (NumPy, epsilon 1e-5), in
+    training and inference alike; no running statistics exist; and an example's logits do not
+    depend on the other examples of its batch (BatchNorm's do in training)."""
+    model = models.UNet(features=4, depth=2, norm="instance")
+    x = (
+        jax.random.normal(jax.random.key(3), (3, 8, 8, 3))
+        * jnp.array([1.0, 3.0, 0.2])[:, None, None, None]
+    )
+    variables = model.init(jax.random.key(0), x)
+    assert set(variables) == {"params"}
+    conv = variables["params"]["ConvBlock_0"]["Conv_0"]
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = sum(
+        np.einsum("bhwc,co->bhwo", xp[:, i : i + 8, j : j + 8], np.asarray(conv["kernel"])[i, j])
+        for i in range(3)
+        for j in range(3)
+    ) + np.asarray(conv["bias"])
+    mean, var = out.mean(axis=(1, 2), keepdims=True), out.var(axis=(1, 2), keepdims=True)
+    expected = (out - mean) / np.sqrt(var + 1e-5)
+    for train in (True, False):
+        _, inter = model.apply(
+            variables, x, train=train, capture_intermediates=True, mutable=["intermediates"]
+        )
+        got = inter["intermediates"]["ConvBlock_0"]["InstanceNorm_0"]["__call__"][0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    alone = model.apply(variables, x[:1], train=True)
+    together = model.apply(variables, x, train=True)
+    np.testing.assert_allclose(alone[0], together[0], atol=1e-4)
+    batch = models.UNet(features=4, depth=2)
+    bv = batch.init(jax.random.key(0), x)
+    alone_bn, _ = batch.apply(bv, x[:1], train=True, mutable=["batch_stats"])
+    together_bn, _ = batch.apply(bv, x, train=True, mutable=["batch_stats"])
+    assert np.abs(np.asarray(alone_bn[0] - together_bn[0])).max() > 1e-2
+
+
+def test_unknown_norm_is_refused():
+    from lggunet import configuration
+    from lggunet.configs import demo
+    from lggunet.errors import ConfigError
+
+    config = demo.get_config()
+    config.model.norm = "layer"
+    with pytest.raises(ConfigError, match="model.norm='layer': use one of"):
+        configuration.check(config)
+    with pytest.raises(ValueError, match="norm='layer'"):
+        models.UNet(features=4, depth=2, norm="layer").init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3))
+        )
+
+
 def test_output_bias_sets_the_initial_logit_prior():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
     plain = models.UNet(features=4, depth=2)

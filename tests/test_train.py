@@ -164,3 +164,30 @@ def test_cosine_needs_the_epoch_length_to_train():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         steps.compile_steps(config, parallel.data_mesh())
     assert steps.StepOptions.from_config(config).cosine is None  # evaluation needs none
+
+
+def test_an_instance_norm_run_trains_resumes_and_scores_alike(tiny_config, tmp_path):
+    """model.norm="instance": no running statistics are kept or restored; the loaded model's
+    probabilities are the network applied to the checkpoint's weights by hand, and
+    --mode=evaluate reproduces the run's final test scores."""
+    config = tiny_config
+    config.data.phantom = True
+    config.model.norm = "instance"
+    workdir = tmp_path / "run"
+    final = train.train_and_evaluate(config, str(workdir))
+    model = lggunet.load_model(str(workdir))
+    assert not jax.tree.leaves(model.variables.get("batch_stats", {}))
+    volume = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    module = lggunet.models.UNet(
+        features=config.model.features, depth=config.model.depth, norm="instance"
+    )
+    assert (model.normalize, model.tta, model.image_size) == ("scale", False, 32)
+    x = volume.astype(np.float32) / 255
+    by_hand = jax.nn.sigmoid(module.apply({"params": model.variables["params"]}, x))[..., 0]
+    np.testing.assert_allclose(model(volume), by_hand, atol=1e-5)
+    scored = report.evaluate_run(config, workdir, splits=("test",))["splits"]["test"]
+    plain = scored["variants"]["plain"]
+    assert plain["volume_dice"]["mean"] == pytest.approx(final["test"]["volume_dice"], abs=1e-6)
+    config.num_epochs = 2  # resume from the first epoch's checkpoint
+    again = train.train_and_evaluate(config, str(workdir))
+    assert again["test"]["loss"] != final["test"]["loss"]

@@ -172,7 +172,10 @@ def _model() -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict()
     model.features = 64  # base width; level i has features * 2**i channels
     model.depth = 4  # number of down-sampling steps
-    model.batch_norm = True
+    model.batch_norm = True  # False: no normalisation layers at all
+    # "batch" (BatchNorm, the notebook's) or "instance" (per example, as nnU-Net; no running
+    # statistics, so training and inference normalise alike).
+    model.norm = "batch"
     model.dropout = 0.0  # dropout rate on the bottleneck
     model.bn_momentum = 0.99  # BatchNorm running statistics (Keras default)
     model.output_bias = 0.0  # initial output logit bias (Keras: 0; a prior: -4, p ~ 0.018)
