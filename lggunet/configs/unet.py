@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 10  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 11  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
