@@ -83,6 +83,7 @@ class Model:
             f"{count / 1e6:.2f}M parameters, input {self.image_size}x{self.image_size}, "
             f"normalize={self.normalize!r}, tta={self.tta}, "
             + (f"context_slices={self.context_slices}, " if self.context_slices else "")
+            + (f"norm={self.module.norm!r}, " if self.module.norm != "batch" else "")
             + (f"{self.record['name']}, " if self.record.get("name") else "")
             + f"checkpoint step {self.step})"
         )

@@ -177,6 +177,7 @@ def test_an_instance_norm_run_trains_resumes_and_scores_alike(tiny_config, tmp_p
     final = train.train_and_evaluate(config, str(workdir))
     model = lggunet.load_model(str(workdir))
     assert not jax.tree.leaves(model.variables.get("batch_stats", {}))
+    assert "norm='instance'" in repr(model)
     volume = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     module = lggunet.models.UNet(
         features=config.model.features, depth=config.model.depth, norm="instance"
