@@ -47,7 +47,7 @@ timeout 420 python3 bench/device_check.py --out="$OUT" "$@" 2>"$OUT/device_check
   || failed="$failed device_check.py"
 tail -5 "$OUT/device_check.log"
 if [[ " $* " != *" --smoke "* ]]; then  # where the bf16 step's time goes, by kind of kernel
-  timeout 150 python3 bench/profile_gpu.py --out="$OUT/profile" 2>"$OUT/profile.log" \
+  timeout 200 python3 bench/profile_gpu.py --out="$OUT/profile" 2>"$OUT/profile.log" \
     | tee -a "$OUT/device_check.jsonl" || { failed="$failed profile_gpu.py"; tail -5 "$OUT/profile.log"; }
 fi
 if [ -n "$failed" ]; then echo "device_check FAILED:$failed"; exit 1; fi

@@ -12,7 +12,9 @@ reduction fusions (BatchNorm statistics and their gradients, the loss), elementw
 Prints one JSON line with each class's share of kernel time and ms per step, the busy fraction
 of the step (kernel time / wall time), the top instructions, the step timed with
 `model.gpu_layers="off"` (the CPU's layer forms, to compare) and without BatchNorm (the
-model's `batch_norm=False`, a diagnostic) to show what normalisation costs. Writes the
+model's `batch_norm=False`, a diagnostic) to show what normalisation costs, and with the
+up-sampling as `lax.conv_transpose` (the cuDNN kernel; the model's einsum form was chosen for
+the CPU) to see whether the GPU should use it. Writes the
 compiled HLO text and a per-instruction table (CSV) to --out for reading afterwards.
 XLA launches most fusions as CUDA graphs ("command buffers"), which the trace charges to the
 graph; run with XLA_FLAGS=--xla_gpu_enable_command_buffer= to split them by instruction.
@@ -115,6 +117,37 @@ def _compiled(config):
     return compiled, state, batch, rng, flops
 
 
+class _ConvTransposeUpsample2x:
+    """`models.Upsample2x` as `jax.lax.conv_transpose` (what `nn.ConvTranspose` runs), same
+    parameters and result: the candidate GPU form of the up-sampling."""
+
+    def __init__(self):
+        import flax.linen as nn
+        import jax.numpy as jnp
+        from jax import lax
+
+        from lggunet import models
+
+        class Upsample2x(models.Upsample2x):
+            @nn.compact
+            def __call__(self, x):
+                cin = x.shape[-1]
+                init = nn.initializers
+                kernel = self.param("kernel", init.lecun_normal(), (2, 2, cin, self.features))
+                bias = self.param("bias", init.zeros_init(), (self.features,), jnp.float32)
+                x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+                dn = ("NHWC", "HWIO", "NHWC")
+                return lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=dn) + bias
+
+        self.models, self.original, self.variant = models, models.Upsample2x, Upsample2x
+
+    def __enter__(self):
+        self.models.Upsample2x = self.variant
+
+    def __exit__(self, *exc):
+        self.models.Upsample2x = self.original
+
+
 def _time(compiled, state, batch, rng, steps: int):
     """Seconds per step, back to back, and the state to go on with (the step donates it)."""
     import jax
@@ -200,6 +233,10 @@ def main() -> None:
     del no_bn
     plain = _compiled(_config(args, gpu_layers="off"))  # the CPU's layer forms, to compare
     plain_s, _ = _time(*plain[:4], 4 * args.steps)
+    del plain
+    with _ConvTransposeUpsample2x():
+        transposed = _compiled(config)
+    transposed_s, _ = _time(*transposed[:4], 4 * args.steps)
     device = jax.devices()[0]
     peak = gpu.peak_flops(device.device_kind, config.dtype)
     print(
@@ -223,6 +260,7 @@ def main() -> None:
                 "top": [[r[0], r[1], r[2], round(r[3], 3)] for r in rows[:12]],
                 "gpu_layers": models.gpu_layers(config),
                 "step_ms_gpu_layers_off": round(1000 * plain_s, 2),
+                "step_ms_upsample_conv_transpose": round(1000 * transposed_s, 2),
                 "step_ms_without_batchnorm": round(1000 * no_bn_s, 2),
                 "mfu_without_batchnorm": no_bn_flops / no_bn_s / peak if peak else None,
                 "trace_lines": sorted(set(lines_seen))[:20],
