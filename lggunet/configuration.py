@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 11  # `config_version` of configs written by this lggunet
+VERSION = 12  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -62,6 +62,7 @@ ADDED = {
     "tversky_beta": (10, 0.5),
     "data.context_slices": (10, 0),
     "model.norm": (11, "batch"),
+    "model.deep_supervision": (12, 0),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -229,6 +230,12 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("num_epochs and learning_rate must be positive")
     if config.model.norm not in NORMS:
         raise ConfigError(f"model.norm={config.model.norm!r}: use one of {list(NORMS)}")
+    supervised = config.model.deep_supervision
+    if not isinstance(supervised, int) or not 0 <= supervised < config.model.depth:
+        raise ConfigError(
+            f"model.deep_supervision={supervised!r}: use 0 (off) to model.depth - 1 "
+            f"({config.model.depth - 1}), the coarse decoder levels given a loss"
+        )
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
     if config.evaluate.checkpoint not in CHECKPOINTS:

@@ -58,6 +58,35 @@ def bce_dice_loss(logits, masks, weights=None, tversky_beta: float = DICE_BETA) 
 LOSSES: dict[str, Callable[..., jax.Array]] = {"dice": dice_loss, "bce_dice": bce_dice_loss}
 
 
+def downsampled_masks(masks: jax.Array, factor: int, soft: bool = False) -> jax.Array:
+    """(B, H, W, 1) masks at 1/`factor` of their size: each factor x factor block's mean,
+    thresholded at 0.5 into {0, 1} unless `soft` (the targets of a deep-supervision head)."""
+    b, h, w, c = masks.shape
+    blocks = masks.astype(jnp.float32).reshape(b, h // factor, factor, w // factor, factor, c)
+    mean = blocks.mean(axis=(2, 4))
+    return mean if soft else (mean >= 0.5).astype(jnp.float32)
+
+
+def deep_supervision_loss(
+    loss_fn: Callable[..., jax.Array],
+    logits: jax.Array,
+    coarse: dict[int, jax.Array],
+    masks: jax.Array,
+    weights: jax.Array | None = None,
+    soft: bool = False,
+) -> jax.Array:
+    """nnU-Net's deep supervision: `loss_fn` on the full-size `logits` and on each head's
+    logits `coarse[i]` (at 1/2**i of the size, against the masks downsampled to it), weighted
+    by 2**-i and normalised to sum 1 (weights 1, 1/2, 1/4, ... over levels 0, 1, 2, ...)."""
+    level_weights = {0: 1.0, **{i: 2.0**-i for i in coarse}}
+    total = sum(level_weights.values())
+    loss = loss_fn(logits, masks, weights) * (level_weights[0] / total)
+    for i, head in sorted(coarse.items()):
+        target = downsampled_masks(masks, 2**i, soft)
+        loss = loss + loss_fn(head, target, weights) * (level_weights[i] / total)
+    return loss
+
+
 def get_loss(name: str, tversky_beta: float = DICE_BETA) -> Callable[..., jax.Array]:
     """The loss `name` as fn(logits, masks, weights), its overlap term weighted by
     `tversky_beta` (a loss registered in LOSSES takes that keyword only when it is not 0.5)."""

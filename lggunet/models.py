@@ -115,6 +115,11 @@ class UNet(nn.Module):
     the first steps of unlearning p = 0.5 on the background (Lin et al. 2017, RetinaNet).
     `norm` is the normalisation of every convolution ("batch" or "instance"; `batch_norm`
     False: none).
+    `deep_supervision` k > 0 adds a 1x1 output head to each of the k coarsest-but-one decoder
+    levels (level i at 1/2**i of the input size, i = 1..k; nnU-Net's deep supervision). When
+    training, their logits are sown into the "intermediates" collection as
+    `deep_supervision_<i>` for the loss (`lggunet.losses.deep_supervision_loss`); the model's
+    output is the full-size logits either way, and inference never runs the heads.
     `accelerator` picks the layer forms a GPU runs faster (`PixelLinear` for the output
     layer): same parameters, the same result up to float rounding. `create` sets it from
     `model.gpu_layers` ("auto": where JAX's default backend is not the CPU, so CPU runs stay
@@ -130,9 +135,14 @@ class UNet(nn.Module):
     output_bias: float = 0.0
     accelerator: bool = False
     norm: str = "batch"
+    deep_supervision: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not 0 <= self.deep_supervision < self.depth:
+            raise ValueError(
+                f"deep_supervision={self.deep_supervision}: use 0..{self.depth - 1} (depth - 1)"
+            )
         if x.shape[1] % 2**self.depth or x.shape[2] % 2**self.depth:
             raise ValueError(f"image size {x.shape[1:3]} is not divisible by 2**{self.depth}")
         x = x.astype(self.dtype)
@@ -156,12 +166,20 @@ class UNet(nn.Module):
             x = up(x)
             x = jnp.concatenate([x, skips[level]], axis=-1)
             x = block(width)(x, train)
+            if 0 < level <= self.deep_supervision:
+                head = self._output_head(f"DeepSupervision_{level}")
+                if train or self.is_initializing():  # inference skips the heads
+                    self.sow("intermediates", f"deep_supervision_{level}", head(x))
+        return self._output_head("Conv_0")(x)
+
+    def _output_head(self, name: str):
+        """The 1x1 convolution to one logit (float32 out), in the form for the device."""
         bias_init = nn.initializers.constant(self.output_bias)
         if self.accelerator:
-            logits = PixelLinear(1, self.dtype, bias_init, name="Conv_0")(x)
+            layer = PixelLinear(1, self.dtype, bias_init, name=name)
         else:
-            logits = nn.Conv(1, (1, 1), dtype=self.dtype, bias_init=bias_init, name="Conv_0")(x)
-        return logits.astype(jnp.float32)
+            layer = nn.Conv(1, (1, 1), dtype=self.dtype, bias_init=bias_init, name=name)
+        return lambda x: layer(x).astype(jnp.float32)
 
 
 def create(config: ml_collections.ConfigDict) -> UNet:
@@ -176,6 +194,7 @@ def create(config: ml_collections.ConfigDict) -> UNet:
         dtype=jnp.dtype(config.dtype),
         accelerator=gpu_layers(config),
         norm=config.model.norm,
+        deep_supervision=config.model.deep_supervision,
     )
 
 

@@ -175,6 +175,7 @@ class StepOptions:
     cosine: CosineSchedule | None = None  # training: the rate per step (None: plateau's)
     soft_targets: bool = False  # masks resized / warped without thresholding at 0.5
     tversky_beta: float = 0.5  # the loss's overlap term: 0.5 Dice, more weighs missed tumour
+    deep_supervision: int = 0  # training: coarse decoder heads in the loss (model.deep_supervision)
 
     @classmethod
     def from_config(
@@ -197,6 +198,7 @@ class StepOptions:
             cosine=cosine,
             soft_targets=bool(config.soft_targets),
             tversky_beta=float(config.tversky_beta),
+            deep_supervision=int(config.model.deep_supervision),
         )
 
 
@@ -271,16 +273,24 @@ def train_step(
             augment_rng, images, masks, options.augment, soft=options.soft_targets
         )
     loss_fn = losses.get_loss(options.loss, options.tversky_beta)
+    levels = range(1, options.deep_supervision + 1)
 
     def compute_loss(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
             train=True,
-            mutable=["batch_stats"],
+            mutable=["batch_stats", "intermediates"] if levels else ["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        return loss_fn(logits, masks, weights), (logits, updates)
+        if not levels:
+            return loss_fn(logits, masks, weights), (logits, updates)
+        sown = updates["intermediates"]
+        coarse = {i: sown[f"deep_supervision_{i}"][0] for i in levels}
+        loss = losses.deep_supervision_loss(
+            loss_fn, logits, coarse, masks, weights, options.soft_targets
+        )
+        return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     if options.cosine is not None:

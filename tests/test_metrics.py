@@ -134,3 +134,48 @@ def test_tversky_beta_above_one_half_costs_a_miss_more_than_a_false_alarm():
     assert float(index(truth, alarms, beta=0.7, smooth=0.0)) == pytest.approx(8 / 9.2)
     assert float(index(truth, missed, smooth=0.0)) == pytest.approx(4 / 6)
     assert float(index(truth, alarms, smooth=0.0)) == pytest.approx(8 / 10)
+
+
+def test_downsampled_masks_hand_case():
+    """Each 2x2 block's mean, then >= 0.5 (a tie of 2 of 4 pixels is tumour); soft keeps it."""
+    m = np.zeros((1, 4, 4, 1), np.float32)
+    m[0, 0, 0] = 1  # 1 of the top-left block's 4: 0.25
+    m[0, 0:2, 2] = 1  # 2 of the top-right block's 4: 0.5
+    m[0, 2:4, 0:2] = 1  # the whole bottom-left block: 1.0
+    m[0, 2:4, 2] = m[0, 2, 3] = 1  # 3 of the bottom-right block's 4: 0.75
+    np.testing.assert_array_equal(
+        losses.downsampled_masks(m, 2)[0, ..., 0], [[0.0, 1.0], [1.0, 1.0]]
+    )
+    np.testing.assert_allclose(
+        losses.downsampled_masks(m, 2, soft=True)[0, ..., 0], [[0.25, 0.5], [1.0, 0.75]]
+    )
+    np.testing.assert_array_equal(losses.downsampled_masks(m, 4)[0, ..., 0], [[1.0]])  # 10/16
+
+
+def test_deep_supervision_loss_matches_numpy():
+    """Levels 0, 1, 2 weighted 1, 1/2, 1/4 (normalised by 1.75), each the BCE + Dice of its
+    logits against the masks' block-majority downsampling, computed here with NumPy loops;
+    and a padding example (weight 0) counts at no level."""
+    rng = np.random.default_rng(1)
+    masks = (rng.random((3, 8, 8, 1)) > 0.6).astype(np.float32)
+    logits = {i: rng.normal(size=(3, 8 // 2**i, 8 // 2**i, 1)).astype(np.float32) for i in range(3)}
+    valid = np.array([1.0, 1.0, 0.0], np.float32)
+
+    def np_level(i):
+        f = 2**i
+        t = np.zeros((2, 8 // f, 8 // f, 1), np.float32)
+        for b in range(2):  # the valid examples
+            for r in range(8 // f):
+                for c in range(8 // f):
+                    t[b, r, c, 0] = masks[b, r * f : (r + 1) * f, c * f : (c + 1) * f].mean() >= 0.5
+        p = 1 / (1 + np.exp(-logits[i][:2].astype(np.float64)))
+        bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
+        return bce - np_dice(t, p)
+
+    expected = (np_level(0) + np_level(1) / 2 + np_level(2) / 4) / 1.75
+    got = losses.deep_supervision_loss(
+        losses.bce_dice_loss, logits[0], {1: logits[1], 2: logits[2]}, masks, valid
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    alone = losses.deep_supervision_loss(losses.bce_dice_loss, logits[0], {}, masks, valid)
+    np.testing.assert_allclose(alone, losses.bce_dice_loss(logits[0], masks, valid), rtol=1e-6)

@@ -316,3 +316,57 @@ def test_accelerator_unet_is_the_same_network():
     config.model.gpu_layers = "yes"
     with pytest.raises(ConfigError, match="model.gpu_layers='yes'"):
         models.create(config)
+
+
+def test_deep_supervision_heads_are_1x1_convolutions_of_the_decoder_levels():
+    """deep_supervision=2 on a depth-3 U-Net: one extra 1x1 head (width * 1 weights + 1 bias)
+    for decoder levels 1 and 2; in training each sown logit map is that head applied (NumPy)
+    to its level's decoder output at 1/2**i of the size; inference sows nothing, and the
+    full-size output is the plain U-Net's with the same weights."""
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    model = models.UNet(features=4, depth=3, deep_supervision=2)
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    heads = sorted(k for k in params if k.startswith("DeepSupervision_"))
+    assert heads == ["DeepSupervision_1", "DeepSupervision_2"]
+    assert count(params) == expected_params(4, 3) + (8 + 1) + (16 + 1)
+    logits, updates = model.apply(
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda mdl, _: isinstance(mdl, models.ConvBlock),
+    )
+    inter = updates["intermediates"]
+    # decoder ConvBlocks after the encoder's 3 and the bottleneck: 4 (level 2), 5 (1), 6 (0)
+    for level, block in ((2, "ConvBlock_4"), (1, "ConvBlock_5")):
+        features = np.asarray(inter[block]["__call__"][0])
+        assert features.shape == (2, 16 // 2**level, 16 // 2**level, 4 * 2**level)
+        head = params[f"DeepSupervision_{level}"]
+        expected = features @ np.asarray(head["kernel"])[0, 0] + np.asarray(head["bias"])
+        sown = np.asarray(inter[f"deep_supervision_{level}"][0])
+        np.testing.assert_allclose(sown, expected, rtol=1e-5, atol=1e-5)
+    _, at_inference = model.apply(variables, x, mutable=["intermediates"])
+    assert not at_inference
+    plain = models.UNet(features=4, depth=3)
+    shared = {k: v for k, v in params.items() if not k.startswith("DeepSupervision_")}
+    np.testing.assert_array_equal(
+        plain.apply({**variables, "params": shared}, x), model.apply(variables, x)
+    )
+    assert logits.shape == (2, 16, 16, 1)
+
+
+@pytest.mark.parametrize("levels", [-1, 3])
+def test_deep_supervision_out_of_range_is_refused(levels):
+    from lggunet import configuration
+    from lggunet.configs import demo
+    from lggunet.errors import ConfigError
+
+    config = demo.get_config()
+    config.model.depth, config.model.deep_supervision = 3, levels
+    with pytest.raises(ConfigError, match=f"model.deep_supervision={levels}: use 0"):
+        configuration.check(config)
+    with pytest.raises(ValueError, match=f"deep_supervision={levels}"):
+        models.UNet(features=4, depth=3, deep_supervision=levels).init(
+            jax.random.key(0), jnp.zeros((1, 16, 16, 3))
+        )

@@ -131,3 +131,43 @@ def test_train_and_eval_steps_use_the_configured_tversky_beta(tiny_config):
     tversky = (2 * tp + 100) / (2 * tp + 2 * 0.2 * fp + 2 * 0.8 * fn + 100)
     evaluated = steps.eval_step(state, batch, options)
     np.testing.assert_allclose(evaluated["loss"], bce - tversky, rtol=1e-4)
+
+
+def test_train_step_with_deep_supervision_adds_the_heads_loss(tiny_config):
+    """model.deep_supervision=1 (depth 2): the train step minimises (L0 + L1 / 2) / 1.5, where
+    L0 is BCE + Dice of the full-size logits and L1 that of the level-1 head against the 2x2
+    block majority of the masks (NumPy here); the head's weights learn; evaluation scores the
+    full-size output alone."""
+    config = tiny_config  # 32x32 inputs, depth 2
+    config.augment.enabled = False
+    config.loss = "bce_dice"
+    config.model.deep_supervision = 1
+    state = steps.create_train_state(config, jax.random.key(0))
+    batch = make_batch(np.random.default_rng(8), n=4, size=32)
+    options = steps.StepOptions.from_config(config)
+    assert options.deep_supervision == 1
+    images, masks, _ = steps.preprocess(batch, 32, options.normalize)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, updates = state.apply_fn(
+        variables, images, train=True, mutable=["batch_stats", "intermediates"]
+    )
+    head = np.asarray(updates["intermediates"]["deep_supervision_1"][0], np.float64)[:3]
+    t0 = np.asarray(masks, np.float64)[:3]  # the 4th example is padding
+    t1 = t0.reshape(3, 16, 2, 16, 2, 1).mean(axis=(2, 4)) >= 0.5
+
+    def bce_dice(logit, t):
+        p = 1 / (1 + np.exp(-logit))
+        bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
+        return bce - (2 * np.sum(t * p) + 100) / (np.sum(t) + np.sum(p) + 100)
+
+    level0 = bce_dice(np.asarray(logits, np.float64)[:3], t0)
+    expected = (level0 + bce_dice(head, t1.astype(np.float64)) / 2) / 1.5
+    new_state, out = train.train_step(state, batch, jax.random.key(1), options)
+    np.testing.assert_allclose(out["loss"], expected, rtol=1e-4)
+    assert abs(float(out["loss"]) - level0) > 1e-3
+    before = state.params["DeepSupervision_1"]["kernel"]
+    assert np.abs(np.asarray(new_state.params["DeepSupervision_1"]["kernel"] - before)).max() > 0
+    evaluated = steps.eval_step(state, batch, options)
+    probs = steps.probabilities(state, steps.normalized(batch, options.normalize), 32, False)
+    p = np.clip(np.asarray(probs, np.float64)[:3], 1e-7, 1 - 1e-7)
+    np.testing.assert_allclose(evaluated["loss"], bce_dice(np.log(p / (1 - p)), t0), rtol=1e-4)

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 11  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 12  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -176,6 +176,10 @@ def _model() -> ml_collections.ConfigDict:
     # "batch" (BatchNorm, the notebook's) or "instance" (per example, as nnU-Net; no running
     # statistics, so training and inference normalise alike).
     model.norm = "batch"
+    # Deep supervision (nnU-Net): k > 0 adds output heads at decoder levels 1..k (1/2, 1/4,
+    # ... of the input size), trained against downsampled masks with weights 1/2, 1/4, ...
+    # beside the full-size output's 1, normalised. Training only; inference runs no heads.
+    model.deep_supervision = 0
     model.dropout = 0.0  # dropout rate on the bottleneck
     model.bn_momentum = 0.99  # BatchNorm running statistics (Keras default)
     model.output_bias = 0.0  # initial output logit bias (Keras: 0; a prior: -4, p ~ 0.018)
