@@ -445,3 +445,26 @@ def test_device_screening_ensemble_of_one_model_twice_scores_as_the_model(tiny_c
     (runs / "b" / "config.json").write_text(json.dumps(saved))
     row = device_screening.ensemble_scores("ab", ["a", "b"], args)
     assert row == {"run": "ab", "error": "members differ in ['data.image_size']"}
+
+
+def test_profile_gpu_conv_transpose_variant_is_the_same_up_sampling():
+    """bench/profile_gpu.py's candidate up-sampling (`lax.conv_transpose`) gives the model's
+    einsum form's result from the same parameters, and the patch is undone on leaving."""
+    import jax
+
+    from lggunet import models
+
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import profile_gpu
+    finally:
+        del sys.path[:2]
+
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 6))
+    original = models.Upsample2x
+    variables = original(5).init(jax.random.key(0), x)
+    with profile_gpu._ConvTransposeUpsample2x():
+        assert models.Upsample2x is not original
+        patched = models.Upsample2x(5).apply(variables, x)
+    assert models.Upsample2x is original
+    np.testing.assert_allclose(patched, original(5).apply(variables, x), rtol=1e-5, atol=1e-5)
