@@ -24,6 +24,7 @@ step (the first included), and the longest gaps.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import statistics
@@ -66,6 +67,13 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
             total += end - reach
             reach = end
     return total
+
+
+def _step_at(t: int, starts: list[int], steps: list[int]) -> int | None:
+    """The step of `steps` (launched at `starts`, ascending) last launched at or before `t`;
+    None before the first."""
+    i = bisect.bisect_right(starts, t)
+    return steps[i - 1] if i else None
 
 
 def loop_profile(path: Path) -> dict:
@@ -134,13 +142,21 @@ def loop_profile(path: Path) -> dict:
         gaps, reach = [], intervals[0][1]
         for start, end in intervals[1:]:
             if start > reach:
-                gaps.append(start - reach)
+                gaps.append((start - reach, reach))
             reach = max(reach, end)
         out["devices"][device] = {
             "kernel_ms_per_step": round(busy / max(len(ran), 1) / 1e6, 3),
             "idle_ms_per_step": round((span - busy) / max(len(ran), 1) / 1e6, 3),
             "busy_fraction": round(busy / span, 4) if span else None,
-            "longest_gaps_ms": [round(g / 1e6, 3) for g in sorted(gaps)[-5:][::-1]],
+            "longest_gaps_ms": [round(g / 1e6, 3) for g, _ in sorted(gaps)[-5:][::-1]],
+            # Where the long gaps fall: (the last step launched before the gap began, its
+            # length in ms), in time order; the step of a gap is approximate (host and device
+            # clocks of one trace), enough to tell gaps at the window's start from spread ones.
+            "gaps_over_2ms": [
+                [_step_at(gap_start, starts, ran[1:]), round(g / 1e6, 3)]
+                for g, gap_start in sorted(gaps, key=lambda x: x[1])
+                if g > 2e6
+            ],
         }
     return out
 

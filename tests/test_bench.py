@@ -412,6 +412,11 @@ def test_profile_loop_reads_a_real_trace_of_marked_steps(tmp_path):
     assert figures["steps"] == [3, 4]
     assert figures["jit_calls_per_step"] == {"fetch": 1.0, "step": 1.0}
     assert figures["host_ms_in_step_median"] > 0 and figures["step_period_ms_median"] > 0
+    # A gap is charged to the step last launched before it began (hand-made launch times).
+    assert profile_loop._step_at(5, [10, 20, 30], [7, 8, 9]) is None
+    assert profile_loop._step_at(10, [10, 20, 30], [7, 8, 9]) == 7
+    assert profile_loop._step_at(29, [10, 20, 30], [7, 8, 9]) == 8
+    assert profile_loop._step_at(99, [10, 20, 30], [7, 8, 9]) == 9
 
 
 def test_device_screening_ensemble_of_one_model_twice_scores_as_the_model(tiny_config, tmp_path):
