@@ -1,6 +1,7 @@
-"""Training losses. Each takes logits (B, H, W, 1), masks in {0, 1} and per-example weights
-(0 for padding) and returns a scalar to minimise. `tversky_beta` (0.5: the notebook's Dice)
-weighs missed tumour against false alarms in the overlap term."""
+"""Training losses. Each takes logits (B, H, W, 1), masks in {0, 1}, per-example weights (0
+for padding) and the Dice smooth as keyword `smooth`, and returns a scalar to minimise.
+`tversky_beta` (0.5: the notebook's Dice) weighs missed tumour against false alarms in the
+overlap term."""
 
 from __future__ import annotations
 
@@ -34,17 +35,20 @@ def dice_loss(
     masks: jax.Array,
     weights: jax.Array | None = None,
     tversky_beta: float = DICE_BETA,
+    smooth: float = metrics.SMOOTH,
 ) -> jax.Array:
     """The Keras notebook's loss: -dice_coef(masks, sigmoid(logits)), smooth=100, over the
     flattened batch. It runs from -1 (perfect) to about 0. Another `tversky_beta` makes it the
     (negative) Tversky index."""
     probs = jax.nn.sigmoid(logits)
     if tversky_beta == DICE_BETA:  # the notebook's formula, to the bit
-        return -metrics.dice_coef(masks, probs, weights)
-    return -tversky_index(masks, probs, weights, beta=tversky_beta)
+        return -metrics.dice_coef(masks, probs, weights, smooth)
+    return -tversky_index(masks, probs, weights, beta=tversky_beta, smooth=smooth)
 
 
-def bce_dice_loss(logits, masks, weights=None, tversky_beta: float = DICE_BETA) -> jax.Array:
+def bce_dice_loss(
+    logits, masks, weights=None, tversky_beta: float = DICE_BETA, smooth: float = metrics.SMOOTH
+) -> jax.Array:
     """Per-pixel binary cross-entropy plus the notebook's Dice (or Tversky) loss."""
     bce = optax.sigmoid_binary_cross_entropy(logits, masks.astype(jnp.float32))
     per_example = jnp.mean(bce.reshape(bce.shape[0], -1), axis=1)
@@ -52,7 +56,7 @@ def bce_dice_loss(logits, masks, weights=None, tversky_beta: float = DICE_BETA) 
         weights = jnp.ones(per_example.shape, jnp.float32)
     w = weights.astype(jnp.float32)
     mean_bce = jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
-    return mean_bce + dice_loss(logits, masks, w, tversky_beta)
+    return mean_bce + dice_loss(logits, masks, w, tversky_beta, smooth)
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {"dice": dice_loss, "bce_dice": bce_dice_loss}
@@ -77,13 +81,16 @@ def deep_supervision_loss(
 ) -> jax.Array:
     """nnU-Net's deep supervision: `loss_fn` on the full-size `logits` and on each head's
     logits `coarse[i]` (at 1/2**i of the size, against the masks downsampled to it), weighted
-    by 2**-i and normalised to sum 1 (weights 1, 1/2, 1/4, ... over levels 0, 1, 2, ...)."""
+    by 2**-i and normalised to sum 1 (weights 1, 1/2, 1/4, ... over levels 0, 1, 2, ...).
+    The Dice term's smooth (100, in pixels) is scaled by 4**-i at level i, where each pixel
+    stands for 4**i: the same share of the batch's pixels at every level."""
     level_weights = {0: 1.0, **{i: 2.0**-i for i in coarse}}
     total = sum(level_weights.values())
     loss = loss_fn(logits, masks, weights) * (level_weights[0] / total)
     for i, head in sorted(coarse.items()):
         target = downsampled_masks(masks, 2**i, soft)
-        loss = loss + loss_fn(head, target, weights) * (level_weights[i] / total)
+        smooth = metrics.SMOOTH / 4**i
+        loss = loss + loss_fn(head, target, weights, smooth=smooth) * (level_weights[i] / total)
     return loss
 
 

@@ -154,8 +154,8 @@ def test_downsampled_masks_hand_case():
 
 def test_deep_supervision_loss_matches_numpy():
     """Levels 0, 1, 2 weighted 1, 1/2, 1/4 (normalised by 1.75), each the BCE + Dice of its
-    logits against the masks' block-majority downsampling, computed here with NumPy loops;
-    and a padding example (weight 0) counts at no level."""
+    logits against the masks' block-majority downsampling with smooth 100 / 4**level,
+    computed here with NumPy loops; a padding example (weight 0) counts at no level."""
     rng = np.random.default_rng(1)
     masks = (rng.random((3, 8, 8, 1)) > 0.6).astype(np.float32)
     logits = {i: rng.normal(size=(3, 8 // 2**i, 8 // 2**i, 1)).astype(np.float32) for i in range(3)}
@@ -170,7 +170,7 @@ def test_deep_supervision_loss_matches_numpy():
                     t[b, r, c, 0] = masks[b, r * f : (r + 1) * f, c * f : (c + 1) * f].mean() >= 0.5
         p = 1 / (1 + np.exp(-logits[i][:2].astype(np.float64)))
         bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
-        return bce - np_dice(t, p)
+        return bce - np_dice(t, p, s=100.0 / 4**i)  # smooth in pixels of the level
 
     expected = (np_level(0) + np_level(1) / 2 + np_level(2) / 4) / 1.75
     got = losses.deep_supervision_loss(

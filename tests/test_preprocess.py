@@ -136,8 +136,8 @@ def test_train_and_eval_steps_use_the_configured_tversky_beta(tiny_config):
 def test_train_step_with_deep_supervision_adds_the_heads_loss(tiny_config):
     """model.deep_supervision=1 (depth 2): the train step minimises (L0 + L1 / 2) / 1.5, where
     L0 is BCE + Dice of the full-size logits and L1 that of the level-1 head against the 2x2
-    block majority of the masks (NumPy here); the head's weights learn; evaluation scores the
-    full-size output alone."""
+    block majority of the masks, its Dice smooth 100 / 4 (NumPy here); the head's weights
+    learn; the validation loss stays the full-size output's (it picks the best checkpoint)."""
     config = tiny_config  # 32x32 inputs, depth 2
     config.augment.enabled = False
     config.loss = "bce_dice"
@@ -155,13 +155,13 @@ def test_train_step_with_deep_supervision_adds_the_heads_loss(tiny_config):
     t0 = np.asarray(masks, np.float64)[:3]  # the 4th example is padding
     t1 = t0.reshape(3, 16, 2, 16, 2, 1).mean(axis=(2, 4)) >= 0.5
 
-    def bce_dice(logit, t):
+    def bce_dice(logit, t, smooth=100.0):
         p = 1 / (1 + np.exp(-logit))
         bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
-        return bce - (2 * np.sum(t * p) + 100) / (np.sum(t) + np.sum(p) + 100)
+        return bce - (2 * np.sum(t * p) + smooth) / (np.sum(t) + np.sum(p) + smooth)
 
     level0 = bce_dice(np.asarray(logits, np.float64)[:3], t0)
-    expected = (level0 + bce_dice(head, t1.astype(np.float64)) / 2) / 1.5
+    expected = (level0 + bce_dice(head, t1.astype(np.float64), smooth=25.0) / 2) / 1.5
     new_state, out = train.train_step(state, batch, jax.random.key(1), options)
     np.testing.assert_allclose(out["loss"], expected, rtol=1e-4)
     assert abs(float(out["loss"]) - level0) > 1e-3
