@@ -114,12 +114,18 @@ RANGES = {
     "model.features": (1, 4096, True),
     "model.depth": (1, 10, True),
     "model.dropout": (0, 1, True),
+    "model.deep_supervision": (0, 9, True),  # and < model.depth
 }
 
 
 # Counts, where 7.5 would be truncated somewhere rather than refused.
 WHOLE_NUMBERS = frozenset(
-    {"evaluate.detection_min_pixels", "predict.min_component_voxels", "data.context_slices"}
+    {
+        "evaluate.detection_min_pixels",
+        "predict.min_component_voxels",
+        "data.context_slices",
+        "model.deep_supervision",
+    }
 )
 
 
@@ -230,12 +236,7 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("num_epochs and learning_rate must be positive")
     if config.model.norm not in NORMS:
         raise ConfigError(f"model.norm={config.model.norm!r}: use one of {list(NORMS)}")
-    supervised = config.model.deep_supervision
-    if not isinstance(supervised, int) or not 0 <= supervised < config.model.depth:
-        raise ConfigError(
-            f"model.deep_supervision={supervised!r}: use 0 (off) to model.depth - 1 "
-            f"({config.model.depth - 1}), the coarse decoder levels given a loss"
-        )
+    _check_deep_supervision(config)
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
     if config.evaluate.checkpoint not in CHECKPOINTS:
@@ -280,6 +281,15 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")
 
 
+def _check_deep_supervision(config: ml_collections.ConfigDict) -> None:
+    supervised = config.model.get("deep_supervision", 0)
+    if supervised >= config.model.depth:
+        raise ConfigError(
+            f"model.deep_supervision={supervised!r}: use 0 (off) to model.depth - 1 "
+            f"({config.model.depth - 1}), the coarse decoder levels given a loss"
+        )
+
+
 def check_saved(config: ml_collections.ConfigDict, path) -> None:
     """A run's saved config.json holds what loading its model needs, in range; ConfigError
     naming the file otherwise."""
@@ -294,6 +304,7 @@ def check_saved(config: ml_collections.ConfigDict, path) -> None:
             )
         if config.data.image_size % 2**config.model.depth:
             raise ConfigError("data.image_size is not a multiple of 2**model.depth")
+        _check_deep_supervision(config)
     except (ConfigError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(
             f"{path}: not a usable saved config ({e}); restore the file the run wrote, or "

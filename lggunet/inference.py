@@ -293,7 +293,7 @@ def _model(config, variables: dict, step, record: dict, tta: bool | None) -> Mod
     """`Model` of `config`'s network and preprocessing with these weights; `tta` None =
     `config.predict.tta`."""
     return Model(
-        module=models.create(config),
+        module=models.create(config, inference=True),
         variables=variables,
         image_size=config.data.image_size,
         normalize=config.data.normalize,

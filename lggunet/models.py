@@ -115,8 +115,8 @@ class UNet(nn.Module):
     the first steps of unlearning p = 0.5 on the background (Lin et al. 2017, RetinaNet).
     `norm` is the normalisation of every convolution ("batch" or "instance"; `batch_norm`
     False: none).
-    `deep_supervision` k > 0 adds a 1x1 output head to each of the k coarsest-but-one decoder
-    levels (level i at 1/2**i of the input size, i = 1..k; nnU-Net's deep supervision). When
+    `deep_supervision` k > 0 adds a 1x1 output head to decoder levels 1..k (level i at
+    1/2**i of the input size: the k levels just below full size; nnU-Net's deep supervision). When
     training, their logits are sown into the "intermediates" collection as
     `deep_supervision_<i>` for the loss (`lggunet.losses.deep_supervision_loss`); the model's
     output is the full-size logits either way, and inference never runs the heads.
@@ -182,8 +182,9 @@ class UNet(nn.Module):
         return lambda x: layer(x).astype(jnp.float32)
 
 
-def create(config: ml_collections.ConfigDict) -> UNet:
-    """The U-Net a config describes (`model.*` fields, compute `dtype`)."""
+def create(config: ml_collections.ConfigDict, *, inference: bool = False) -> UNet:
+    """The U-Net a config describes (`model.*` fields, compute `dtype`); with `inference`,
+    without its deep-supervision heads (training-only weights that prediction never reads)."""
     return UNet(
         features=config.model.features,
         depth=config.model.depth,
@@ -194,7 +195,7 @@ def create(config: ml_collections.ConfigDict) -> UNet:
         dtype=jnp.dtype(config.dtype),
         accelerator=gpu_layers(config),
         norm=config.model.norm,
-        deep_supervision=config.model.deep_supervision,
+        deep_supervision=0 if inference else config.model.deep_supervision,
     )
 
 
@@ -208,8 +209,9 @@ def gpu_layers(config: ml_collections.ConfigDict) -> bool:
 
 
 def abstract_variables(config: ml_collections.ConfigDict) -> dict:
-    """The shapes and dtypes of the model's `params` and `batch_stats` (no computation)."""
-    module = create(config)
+    """The shapes and dtypes of the inference model's `params` and `batch_stats` (no
+    computation; no deep-supervision heads: a checkpoint is read without them)."""
+    module = create(config, inference=True)
     size = config.data.image_size
     channels = context.input_channels(config.data.context_slices)
     shapes = jax.eval_shape(

@@ -356,17 +356,28 @@ def test_deep_supervision_heads_are_1x1_convolutions_of_the_decoder_levels():
     assert logits.shape == (2, 16, 16, 1)
 
 
-@pytest.mark.parametrize("levels", [-1, 3])
-def test_deep_supervision_out_of_range_is_refused(levels):
+@pytest.mark.parametrize(
+    "levels, message",
+    [(-1, "is out of range"), (3, ": use 0 .off. to model.depth - 1 .2."), (True, "a number")],
+)
+def test_deep_supervision_out_of_range_is_refused(levels, message):
+    """In a config to train (depth 3: 0..2) and in a saved one that a model is loaded from."""
     from lggunet import configuration
     from lggunet.configs import demo
     from lggunet.errors import ConfigError
 
     config = demo.get_config()
-    config.model.depth, config.model.deep_supervision = 3, levels
-    with pytest.raises(ConfigError, match=f"model.deep_supervision={levels}: use 0"):
+    config.model.depth = 3
+    config.model.deep_supervision = levels if isinstance(levels, int) else 0
+    if levels is True:  # a flag cannot set a bool into an int field; a config file can
+        config.model.unlock()
+        config.model["deep_supervision"] = True
+    with pytest.raises(ConfigError, match=f"model.deep_supervision={levels!r}.*{message}"):
         configuration.check(config)
-    with pytest.raises(ValueError, match=f"deep_supervision={levels}"):
-        models.UNet(features=4, depth=3, deep_supervision=levels).init(
-            jax.random.key(0), jnp.zeros((1, 16, 16, 3))
-        )
+    with pytest.raises(ConfigError, match=f"saved.json: not a usable saved config.*{message}"):
+        configuration.check_saved(config, "saved.json")
+    if levels is not True:
+        with pytest.raises(ValueError, match=f"deep_supervision={levels}"):
+            models.UNet(features=4, depth=3, deep_supervision=levels).init(
+                jax.random.key(0), jnp.zeros((1, 16, 16, 3))
+            )
