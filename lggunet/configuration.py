@@ -388,4 +388,6 @@ def describe(config: ml_collections.ConfigDict) -> str:
         + (", cosine learning rate" if config.lr_schedule == "cosine" else "")
         + (f", tumour slices x{oversample:g}" if oversample > 1 else "")
         + (f", 2.5D ({k} slices each side)" if (k := config.data.context_slices) else "")
+        + (", InstanceNorm" if config.model.get("norm", "batch") == "instance" else "")
+        + (f", deep supervision ({d} levels)" if (d := config.model.deep_supervision) else "")
     )

@@ -106,3 +106,13 @@ def test_learning_rate_schedule_fields_are_checked():
     config.lr_schedule = "plateau"  # which has no warm-up: refused, not ignored
     with pytest.raises(configuration.ConfigError, match="works with lr_schedule='cosine' only"):
         configuration.check(config)
+
+
+def test_recipe_line_names_the_model_options_set():
+    """The one-line recipe in reports names InstanceNorm and deep supervision when set."""
+    config = cpu.get_config()
+    plain = configuration.describe(config)
+    assert plain.startswith("Recipe: 128x128 input, loss bce_dice")
+    assert "InstanceNorm" not in plain and "deep supervision" not in plain
+    config.model.norm, config.model.deep_supervision = "instance", 2
+    assert configuration.describe(config).endswith(", InstanceNorm, deep supervision (2 levels)")
