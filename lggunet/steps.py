@@ -283,11 +283,8 @@ def train_step(
             mutable=["batch_stats", "intermediates"] if levels else ["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        if not levels:
-            return loss_fn(logits, masks, weights), (logits, updates)
-        sown = updates["intermediates"]
-        coarse = {i: sown[f"deep_supervision_{i}"][0] for i in levels}
-        loss = losses.deep_supervision_loss(
+        coarse = {i: updates["intermediates"][f"deep_supervision_{i}"][0] for i in levels}
+        loss = losses.deep_supervision_loss(  # without levels: loss_fn's alone
             loss_fn, logits, coarse, masks, weights, options.soft_targets
         )
         return loss, (logits, updates)
