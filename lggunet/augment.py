@@ -138,20 +138,23 @@ def augment_example(
         channels = min(image.shape[-1], context_lib.CHANNELS)
         intensity = intensity_lib.draw(jax.random.fold_in(key, 11), params.intensity, channels)
         if image.shape[-1] > channels:  # a 2.5D stack of slices
-            image = _per_slice(image, intensity)
+            image = _per_slice(image, intensity, mask)
         else:
-            image = intensity_lib.apply(image, intensity)
+            image = intensity_lib.apply(image, intensity, mask)
     return image, mask
 
 
-def _per_slice(image: jax.Array, t: dict[str, jax.Array]) -> jax.Array:
+def _per_slice(image: jax.Array, t: dict[str, jax.Array], mask: jax.Array) -> jax.Array:
     """A 2.5D input (channels 3g .. 3g + 2: slice g of the stack) under the same intensity
-    transforms on every slice, each slice with its own noise."""
+    transforms on every slice, each slice with its own noise (a fainter tumour: the centre
+    slice's mask on every slice)."""
     h, w, c = image.shape
     stack = image.reshape(h, w, c // context_lib.CHANNELS, context_lib.CHANNELS)
 
     def one(g, x):
-        return intensity_lib.apply(x, {**t, "noise_key": jax.random.fold_in(t["noise_key"], g)})
+        return intensity_lib.apply(
+            x, {**t, "noise_key": jax.random.fold_in(t["noise_key"], g)}, mask
+        )
 
     out = jax.vmap(one, in_axes=(0, 2), out_axes=2)(jnp.arange(stack.shape[2]), stack)
     return out.reshape(h, w, c)

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 12  # `config_version` of configs written by this lggunet
+VERSION = 13  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -63,6 +63,7 @@ ADDED = {
     "data.context_slices": (10, 0),
     "model.norm": (11, "batch"),
     "model.deep_supervision": (12, 0),
+    "augment.tumour_contrast_p": (13, 0.0),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -106,6 +107,7 @@ RANGES = {
     "augment.zoom_range": (0, 1, False),
     "augment.channel_copy_p": (0, 1, True),
     "augment.intensity_p_scale": (0, 10, True),
+    "augment.tumour_contrast_p": (0, 1, True),
     "evaluate.detection_min_pixels": (0, None, True),
     "predict.threshold": (0, 1, False),
     "predict.pixel_spacing_mm": (0, 100, True),

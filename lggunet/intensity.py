@@ -4,6 +4,10 @@ Applied to the normalised network input (z-scored brain: mean 0, std 1), after t
 augmentation, per example, each transform with its own probability (nnU-Net's defaults,
 Isensee et al. 2021):
 
+* a tumour made fainter (off by default; `tumour_contrast_p`): per channel, the pixels under
+  the mask moved towards the mean of the tissue in a ring around them by a factor
+  ~ U(0.3, 1) (not nnU-Net's; for faint, infiltrative tumours, whose contrast a global
+  transform cannot lower once the scan is normalised). Only this transform reads the mask;
 * a channel replaced by another (p 0.1), or every channel by one (p 0.1): scans whose missing
   modalities were filled with copies (4 of the 49 shared patients carry FLAIR, or one
   sequence, in all three channels);
@@ -20,7 +24,7 @@ Isensee et al. 2021):
 
 Each transform is a pure function of the image and its drawn parameters (tested against NumPy
 and SciPy); `augment_intensity` draws the parameters from a key and applies them. The mask
-never changes.
+itself never changes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 BLUR_RADIUS = 4  # the kernel's half width: 4 sigma at the largest sigma, 1.0
+RING_FRACTION = 0.05  # the ring around a tumour: this share of the image height (6 px at 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,8 @@ class IntensityParams:
     contrast_range: tuple[float, float] = (0.75, 1.25)
     gamma_p: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
+    tumour_contrast_p: float = 0.0
+    tumour_contrast_range: tuple[float, float] = (0.3, 1.0)
 
 
 def replace_channel(image: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
@@ -110,6 +117,31 @@ def gamma(image: jax.Array, g: jax.Array, eps: float = 1e-7) -> jax.Array:
     return (out - out_mean) / (out_std + 1e-8) * std + mean
 
 
+def ring_radius(height: int) -> int:
+    """Half width, in pixels, of the square neighbourhood that makes a tumour's ring."""
+    return max(1, round(RING_FRACTION * height))
+
+
+def tumour_contrast(image: jax.Array, mask: jax.Array, factor: jax.Array) -> jax.Array:
+    """An (H, W, C) image whose tumour (mask (H, W, 1) > 0.5) is made fainter, per channel c:
+    x + (1 - factor_c) * (ring_mean_c - x) on tumour pixels, where the ring is the tissue
+    within `ring_radius(H)` pixels (a square neighbourhood) of the tumour but not in it, and
+    tissue is every pixel where some channel lies above its minimum over the image (the
+    normalised background sits at that minimum). Factor 1 leaves the tumour as it is; 0 makes
+    it the ring's mean. Unchanged without a tumour or a ring."""
+    tumour = mask[..., 0] > 0.5
+    r = ring_radius(image.shape[0])
+    near = jax.lax.reduce_window(
+        tumour.astype(jnp.float32), 0.0, jax.lax.max, (2 * r + 1, 2 * r + 1), (1, 1), "SAME"
+    )
+    tissue = jnp.any(image > jnp.min(image, axis=(0, 1)), axis=-1)
+    ring = (near > 0) & ~tumour & tissue
+    count = jnp.sum(ring)
+    ring_mean = jnp.sum(jnp.where(ring[..., None], image, 0.0), axis=(0, 1)) / jnp.maximum(count, 1)
+    faded = image + (1 - factor) * (ring_mean - image)
+    return jnp.where(tumour[..., None] & (count > 0), faded, image)
+
+
 def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str, jax.Array]:
     """One example's random choices: an on/off flag and the parameters of each transform."""
     k = jax.random.split(key, 19)
@@ -121,6 +153,17 @@ def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str
     def rng(i, bounds, shape=()):
         return u(k[i], shape, minval=bounds[0], maxval=bounds[1])
 
+    extra = {}
+    if params.tumour_contrast_p > 0:  # drawn from keys of their own: the others stay as before
+        extra = {
+            "tumour": u(jax.random.fold_in(key, 100), ()) < params.tumour_contrast_p,
+            "tumour_factor": u(
+                jax.random.fold_in(key, 101),
+                (channels,),
+                minval=params.tumour_contrast_range[0],
+                maxval=params.tumour_contrast_range[1],
+            ),
+        }
     source = jax.random.randint(k[2], (), 0, channels)
     target = (source + jax.random.randint(k[3], (), 1, channels)) % channels  # never source
     return {
@@ -142,6 +185,7 @@ def draw(key: jax.Array, params: IntensityParams, channels: int = 3) -> dict[str
         "gamma": on(13, params.gamma_p),
         "gamma_value": _gamma_values(k[14], k[16], params.gamma_range, channels),
         "noise_key": k[15],
+        **extra,
     }
 
 
@@ -156,9 +200,15 @@ def _gamma_values(key, side_key, bounds: tuple[float, float], channels: int) -> 
     return jnp.where(below, lo + u * (1 - lo), 1 + u * (hi - 1))
 
 
-def apply(image: jax.Array, t: dict[str, jax.Array]) -> jax.Array:
-    """The transforms of `draw`'s result `t`, in nnU-Net's order, on one (H, W, C) image."""
-    x = jnp.where(t["replace"], replace_channel(image, t["source"], t["target"]), image)
+def apply(image: jax.Array, t: dict[str, jax.Array], mask: jax.Array | None = None) -> jax.Array:
+    """The transforms of `draw`'s result `t`, in nnU-Net's order, on one (H, W, C) image; the
+    fainter tumour first, when drawn (it needs the (H, W, 1) `mask`)."""
+    x = image
+    if "tumour" in t:
+        if mask is None:
+            raise ValueError("tumour_contrast_p > 0 needs the mask")
+        x = jnp.where(t["tumour"], tumour_contrast(x, mask, t["tumour_factor"]), x)
+    x = jnp.where(t["replace"], replace_channel(x, t["source"], t["target"]), x)
     x = jnp.where(t["single"], single_channel(x, t["single_source"]), x)
     noise = jax.random.normal(t["noise_key"], x.shape) * t["noise_std"]
     x = jnp.where(t["noise"], x + noise, x)
@@ -169,8 +219,13 @@ def apply(image: jax.Array, t: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(t["gamma"], gamma(x, t["gamma_value"]), x)
 
 
-def augment_intensity(key: jax.Array, images: jax.Array, params: IntensityParams) -> jax.Array:
-    """(B, H, W, C) float images, each under its own random intensity transforms."""
+def augment_intensity(
+    key: jax.Array, images: jax.Array, params: IntensityParams, masks: jax.Array | None = None
+) -> jax.Array:
+    """(B, H, W, C) float images, each under its own random intensity transforms; `masks`
+    (B, H, W, 1) are needed only with `tumour_contrast_p` > 0."""
     keys = jax.random.split(key, images.shape[0])
     channels = images.shape[-1]
-    return jax.vmap(lambda k, x: apply(x, draw(k, params, channels)))(keys, images)
+    if masks is None:
+        return jax.vmap(lambda k, x: apply(x, draw(k, params, channels)))(keys, images)
+    return jax.vmap(lambda k, x, m: apply(x, draw(k, params, channels), m))(keys, images, masks)

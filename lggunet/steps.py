@@ -229,8 +229,9 @@ INTENSITY_P_SCALED = ("noise_p", "blur_p", "brightness_p", "scale_p", "contrast_
 def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
     """The config's augmentation: a named preset (plus the intensity transforms when
     `augment.intensity` is set), or the Keras-style fields; None if off. Intensity transforms
-    take their channel-copy probabilities from `augment.channel_copy_p`, and the others'
-    are multiplied by `augment.intensity_p_scale` (capped at 1)."""
+    take their channel-copy probabilities from `augment.channel_copy_p`, the fainter
+    tumour's from `augment.tumour_contrast_p`, and the others' are multiplied by
+    `augment.intensity_p_scale` (capped at 1)."""
     if not config.augment.enabled:
         return None
     if config.augment.preset:
@@ -245,7 +246,13 @@ def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentPara
     scale = float(config.augment.intensity_p_scale)
     base = params.intensity
     scaled = {f: min(1.0, scale * getattr(base, f)) for f in INTENSITY_P_SCALED}
-    intensity = dataclasses.replace(base, channel_replace_p=p, single_channel_p=p, **scaled)
+    intensity = dataclasses.replace(
+        base,
+        channel_replace_p=p,
+        single_channel_p=p,
+        tumour_contrast_p=float(config.augment.tumour_contrast_p),
+        **scaled,
+    )
     return dataclasses.replace(params, intensity=intensity)
 
 

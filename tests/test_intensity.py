@@ -213,3 +213,100 @@ def test_intensity_probability_scale_multiplies_the_other_transforms():
         else:
             with pytest.raises(ConfigError, match="intensity_p_scale"):
                 configuration.check(config)
+
+
+def _ring_reference(x, mask, factor):
+    """NumPy / SciPy: the fainter tumour of `intensity.tumour_contrast`."""
+    tumour = mask[..., 0] > 0.5
+    r = intensity.ring_radius(x.shape[0])
+    near = ndimage.binary_dilation(tumour, structure=np.ones((2 * r + 1, 2 * r + 1), bool))
+    tissue = np.any(x > x.min(axis=(0, 1)), axis=-1)
+    ring = near & ~tumour & tissue
+    if not ring.any() or not tumour.any():
+        return x
+    ring_mean = x[ring].astype(np.float64).mean(axis=0)
+    out = x.astype(np.float64).copy()
+    out[tumour] += (1 - factor) * (ring_mean - out[tumour])
+    return out
+
+
+def test_tumour_contrast_hand_computed_case():
+    """Tissue at 1, background at -2 (the minimum), a tumour at 3: factors 0.5, 1, 0 give
+    2, 3 and 1 on the tumour; nothing else moves, and the background stays out of the ring."""
+    x = np.ones((32, 32, 3), np.float32)
+    x[:, :6] = -2.0  # background touching the ring on the left
+    x[12:18, 8:14] = 3.0
+    mask = np.zeros((32, 32, 1), np.float32)
+    mask[12:18, 8:14] = 1.0
+    out = np.asarray(
+        intensity.tumour_contrast(jnp.asarray(x), jnp.asarray(mask), jnp.asarray([0.5, 1, 0]))
+    )
+    np.testing.assert_allclose(out[12:18, 8:14], np.broadcast_to([2.0, 3.0, 1.0], (6, 6, 3)))
+    outside = mask[..., 0] == 0
+    np.testing.assert_array_equal(out[outside], x[outside])
+
+
+def test_tumour_contrast_matches_numpy_and_leaves_slices_without_tumour():
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 1, (40, 36, 3)).astype(np.float32)
+    x[:, :5] = x.min(axis=(0, 1))  # a normalised background
+    mask = np.zeros((40, 36, 1), np.float32)
+    mask[10:22, 4:15, 0] = 1.0  # reaches into the background
+    mask[30:33, 25:28, 0] = 0.7  # a soft mask counts above 0.5
+    factor = np.array([0.3, 0.8, 0.55], np.float32)
+    out = intensity.tumour_contrast(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(factor))
+    np.testing.assert_allclose(out, _ring_reference(x, mask, factor), atol=1e-5)
+    empty = np.zeros_like(mask)
+    same = intensity.tumour_contrast(jnp.asarray(x), jnp.asarray(empty), jnp.asarray(factor))
+    np.testing.assert_array_equal(same, x)
+
+
+def test_tumour_contrast_draws_leave_the_other_draws_as_before():
+    """Probability and range as set; the other transforms draw exactly what they drew before
+    the fainter tumour existed (off by default, so the shipped recipe is unchanged), and apply
+    refuses to run it without the mask."""
+    params = IntensityParams(tumour_contrast_p=0.3)
+    keys = jax.random.split(jax.random.key(9), 4000)
+    drawn = jax.vmap(lambda k: intensity.draw(k, params))(keys)
+    assert abs(float(np.mean(drawn["tumour"])) - 0.3) < 0.03
+    f = np.asarray(drawn["tumour_factor"])
+    assert f.shape == (4000, 3) and f.min() >= 0.3 and f.max() <= 1.0
+    assert abs(float(f.mean()) - 0.65) < 0.01
+    before = intensity.draw(jax.random.key(4), IntensityParams())
+    assert "tumour" not in before
+    after = intensity.draw(jax.random.key(4), params)
+    for name, value in before.items():
+        if name == "noise_key":
+            value, other = jax.random.key_data(value), jax.random.key_data(after[name])
+        else:
+            other = after[name]
+        np.testing.assert_array_equal(value, other, err_msg=name)
+    on = intensity.draw(jax.random.key(4), dataclasses.replace(OFF, tumour_contrast_p=1.0))
+    with pytest.raises(ValueError, match="needs the mask"):
+        intensity.apply(jnp.asarray(image(1)), on)
+
+
+def test_tumour_contrast_from_the_config_changes_only_tumour_pixels():
+    """`augment.tumour_contrast_p` reaches the augmentation; with only that transform on,
+    the augmented images differ from the spatial augmentation's only under the masks."""
+    from lggunet import steps
+    from lggunet.configs import cpu
+
+    config = cpu.get_config()
+    assert steps.augment_params(config).intensity.tumour_contrast_p == 0.0
+    config.augment.tumour_contrast_p = 0.25
+    assert steps.augment_params(config).intensity == IntensityParams(tumour_contrast_p=0.25)
+    rng = np.random.default_rng(3)
+    images = rng.normal(0, 1, (6, 32, 32, 3)).astype(np.float32)
+    masks = np.zeros((6, 32, 32, 1), np.float32)
+    masks[:, 10:20, 12:22] = 1.0
+    masks[5] = 0.0  # a slice without tumour
+    spatial = augment.PRESETS["buda2019"]
+    faded = dataclasses.replace(spatial, intensity=dataclasses.replace(OFF, tumour_contrast_p=1.0))
+    key = jax.random.key(2)
+    a_img, a_mask = augment.augment_batch(key, jnp.asarray(images), jnp.asarray(masks), spatial)
+    b_img, b_mask = augment.augment_batch(key, jnp.asarray(images), jnp.asarray(masks), faded)
+    np.testing.assert_array_equal(a_mask, b_mask)
+    changed = np.any(np.asarray(a_img) != np.asarray(b_img), axis=-1)
+    assert changed[:5].any() and not changed[5].any()
+    assert not np.any(changed & (np.asarray(b_mask)[..., 0] == 0))

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 12  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 13  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -140,6 +140,9 @@ def _augment() -> ml_collections.ConfigDict:
     # brightness, whole-scan scaling, contrast, gamma), each capped at 1. 1 keeps nnU-Net's
     # probabilities; 2 doubles them (a heavier augmentation, for data from many scanners).
     augment.intensity_p_scale = 1.0
+    # With intensity transforms on: the probability that a slice's tumour is made fainter
+    # (per channel, moved towards the tissue around it; lggunet/intensity.py). Off by default.
+    augment.tumour_contrast_p = 0.0
 
     return augment
 
