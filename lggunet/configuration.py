@@ -273,6 +273,11 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
             "augment.intensity (or preset buda2019_intensity) works on z-scored inputs (noise, "
             "brightness, gamma in units of the brain's std): set data.normalize='brain_zscore'"
         )
+    if config.augment.tumour_contrast_p and not (config.augment.enabled and intensity):
+        raise ConfigError(
+            f"augment.tumour_contrast_p={config.augment.tumour_contrast_p} is an intensity "
+            "transform: set augment.intensity=True or augment.preset='buda2019_intensity'"
+        )
     if config.early_stopping.patience < 0:
         raise ConfigError(
             f"early_stopping.patience={config.early_stopping.patience} must be >= 0 (0 = off)"
@@ -389,6 +394,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
         f"batch {config.batch_size}, {config.num_epochs} epochs"
         + (", cosine learning rate" if config.lr_schedule == "cosine" else "")
         + (f", tumour slices x{oversample:g}" if oversample > 1 else "")
+        + (f", fainter tumours (p {p:g})" if (p := config.augment.tumour_contrast_p) else "")
         + (f", 2.5D ({k} slices each side)" if (k := config.data.context_slices) else "")
         + (", InstanceNorm" if config.model.get("norm", "batch") == "instance" else "")
         + (f", deep supervision ({d} levels)" if (d := config.model.deep_supervision) else "")

@@ -109,10 +109,34 @@ def test_learning_rate_schedule_fields_are_checked():
 
 
 def test_recipe_line_names_the_model_options_set():
-    """The one-line recipe in reports names InstanceNorm and deep supervision when set."""
+    """The one-line recipe in reports names InstanceNorm, deep supervision and fainter
+    tumours when set."""
     config = cpu.get_config()
     plain = configuration.describe(config)
     assert plain.startswith("Recipe: 128x128 input, loss bce_dice")
     assert "InstanceNorm" not in plain and "deep supervision" not in plain
+    assert "fainter" not in plain
+    config.augment.tumour_contrast_p = 0.3
+    assert ", tumour slices x2, fainter tumours (p 0.3)" in configuration.describe(config)
     config.model.norm, config.model.deep_supervision = "instance", 2
     assert configuration.describe(config).endswith(", InstanceNorm, deep supervision (2 levels)")
+
+
+def test_fainter_tumours_need_the_intensity_transforms():
+    """`augment.tumour_contrast_p` is refused, naming the fix, where no intensity transform
+    runs (it would change nothing); accepted with the flag or the preset."""
+    config = unet.get_config()
+    config.augment.tumour_contrast_p = 0.2
+    with pytest.raises(configuration.ConfigError, match="augment.tumour_contrast_p=0.2 is an"):
+        configuration.check(config)
+    config.augment.intensity, config.data.normalize = True, "brain_zscore"
+    configuration.check(config)
+    config = cpu.get_config()
+    config.augment.tumour_contrast_p = 0.2
+    configuration.check(config)
+    config.augment.enabled = False
+    with pytest.raises(configuration.ConfigError, match="is an intensity transform"):
+        configuration.check(config)
+    config.augment.enabled, config.augment.tumour_contrast_p = True, 1.5
+    with pytest.raises(configuration.ConfigError, match="tumour_contrast_p"):
+        configuration.check(config)
