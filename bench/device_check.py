@@ -15,7 +15,9 @@ Each line is one JSON object with a "check" key:
   time of "train_step" bfloat16, minus 1), the wall time of the run and its extrapolation to
   100 epochs (set-up and final evaluation once, plus 100 x the median epoch), and
   "loop_profile": bench/profile_loop.py's figures of 20 traced steps from step 300 (epoch 4;
-  what each step launches, the host time in it, the device's kernel and idle time per step).
+  what each step launches, the host time in it, the device's kernel and idle time per step),
+  and by epoch the full garbage collections that struck on their own and their milliseconds
+  (lggunet.host_gc; the first epoch holds the compilations).
 - "run_grain": the same with the grain input pipeline instead of the device cache, 3 epochs.
 
 Never a figure that was not measured: a check that fails prints {"check": ..., "error": ...}.
@@ -95,6 +97,8 @@ def timed_run(args, name: str, device_cache: bool, epochs: int, step_ms: float |
         "steps_per_epoch": steps_per_epoch,
         "images_per_s_median": statistics.median(rates) if rates else None,
         "images_per_s_by_epoch": [round(r, 1) for r in rates],
+        "gc_full_collections_by_epoch": [r.get("gc_full_collections") for r in records],
+        "gc_full_ms_by_epoch": [round(r.get("gc_full_ms", 0.0), 1) for r in records],
         "epoch_s_median": statistics.median(seconds[1:]) if rates else None,
         "loop_step_ms": loop_step_ms,
         "bare_step_ms": step_ms,

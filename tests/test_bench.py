@@ -108,6 +108,9 @@ def test_device_check_smoke_prints_every_figure(tmp_path):
     for run in lines[3:5]:
         assert run["images_per_s_median"] > 0 and run["extrapolated_100_epochs_s"] > 0
         assert run["loop_step_ms"] > 0 and isinstance(run["host_overhead"], float)
+        epochs = run["epochs"]
+        assert len(run["gc_full_collections_by_epoch"]) == len(run["gc_full_ms_by_epoch"]) == epochs
+        assert all(n >= 0 for n in run["gc_full_collections_by_epoch"])
     assert lines[3]["device_cache"] and not lines[4]["device_cache"]
     # The cached run traced steps 3-5 of its 4 (the trace closes with the run): each step
     # gathers its batch on the device and launches the train step, once.

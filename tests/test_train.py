@@ -1,5 +1,6 @@
 """Training: a smoke run on the real data, resume, and the plateau schedule."""
 
+import gc
 import json
 import re
 
@@ -38,8 +39,12 @@ def test_smoke_train_writes_checkpoint_and_resumes(tiny_config, real_data, real_
         "val_volume_dice",
         "learning_rate",
         "images_per_s",
+        "gc_full_ms",
+        "gc_epoch_end_ms",
     ):
         assert np.isfinite(records[0][key]), key
+    assert records[0]["gc_full_collections"] >= 0
+    assert gc.get_freeze_count() == 0  # lggunet.host_gc gave the frozen objects back
     assert first["test"]["num_slices"] == 91 and len(first["test"]["per_volume_dice"]) == 3
     assert first["validation"]["num_slices"] == 96
 
