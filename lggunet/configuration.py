@@ -69,6 +69,7 @@ CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is 
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("plateau", "cosine")
 GPU_LAYERS = ("auto", "on", "off")  # model.gpu_layers
+INTENSITY = "set augment.intensity=True or augment.preset='buda2019_intensity'"
 
 
 # field -> (lowest, highest, whether the bounds themselves are allowed): numbers outside
@@ -274,10 +275,8 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
             "brightness, gamma in units of the brain's std): set data.normalize='brain_zscore'"
         )
     if config.augment.tumour_contrast_p and not (config.augment.enabled and intensity):
-        raise ConfigError(
-            f"augment.tumour_contrast_p={config.augment.tumour_contrast_p} is an intensity "
-            "transform: set augment.intensity=True or augment.preset='buda2019_intensity'"
-        )
+        p = config.augment.tumour_contrast_p
+        raise ConfigError(f"augment.tumour_contrast_p={p} is an intensity transform: {INTENSITY}")
     if config.early_stopping.patience < 0:
         raise ConfigError(
             f"early_stopping.patience={config.early_stopping.patience} must be >= 0 (0 = off)"

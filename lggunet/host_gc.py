@@ -19,6 +19,8 @@ import contextlib
 import gc
 import time
 
+from absl import logging
+
 
 class SteadyHost:
     """While entered, the objects that survive a collection are frozen: on entry, and again
@@ -80,3 +82,30 @@ class FullCollections:
         out = (self._count, self._ms)
         self._count, self._ms = 0, 0.0
         return out
+
+
+class LoopCollector:
+    """A training loop's collector: `SteadyHost` and `FullCollections` while entered;
+    `epoch_end()` makes the chosen pass and returns the epoch record's fields."""
+
+    def __init__(self) -> None:
+        self.steady, self.pauses = SteadyHost(), FullCollections()
+
+    def __enter__(self) -> LoopCollector:
+        self.steady.__enter__()  # its collection is a chosen one: not counted
+        self.pauses.__enter__()
+        logging.info("%d objects of the set-up kept out of full collections", self.steady.frozen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pauses.__exit__(*exc)
+        self.steady.__exit__(*exc)
+
+    def epoch_end(self) -> dict:
+        count, ms = self.pauses.take()
+        self.pauses.paused = True  # the chosen pass, between one epoch's steps and the next's
+        try:
+            chosen = self.steady.again()
+        finally:
+            self.pauses.paused = False
+        return {"gc_full_collections": count, "gc_full_ms": ms, "gc_epoch_end_ms": chosen}

@@ -229,9 +229,8 @@ INTENSITY_P_SCALED = ("noise_p", "blur_p", "brightness_p", "scale_p", "contrast_
 def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentParams | None:
     """The config's augmentation: a named preset (plus the intensity transforms when
     `augment.intensity` is set), or the Keras-style fields; None if off. Intensity transforms
-    take their channel-copy probabilities from `augment.channel_copy_p`, the fainter
-    tumour's from `augment.tumour_contrast_p`, and the others' are multiplied by
-    `augment.intensity_p_scale` (capped at 1)."""
+    take their channel-copy probabilities from `augment.channel_copy_p`, the fainter tumour's
+    from `augment.tumour_contrast_p`, the others' times `augment.intensity_p_scale` (<= 1)."""
     if not config.augment.enabled:
         return None
     if config.augment.preset:
@@ -243,16 +242,10 @@ def augment_params(config: ml_collections.ConfigDict) -> augment_lib.AugmentPara
     if params.intensity is None:
         return params
     p = float(config.augment.channel_copy_p)
-    scale = float(config.augment.intensity_p_scale)
-    base = params.intensity
+    scale, base = float(config.augment.intensity_p_scale), params.intensity
     scaled = {f: min(1.0, scale * getattr(base, f)) for f in INTENSITY_P_SCALED}
-    intensity = dataclasses.replace(
-        base,
-        channel_replace_p=p,
-        single_channel_p=p,
-        tumour_contrast_p=float(config.augment.tumour_contrast_p),
-        **scaled,
-    )
+    scaled["tumour_contrast_p"] = float(config.augment.tumour_contrast_p)  # not scaled
+    intensity = dataclasses.replace(base, channel_replace_p=p, single_channel_p=p, **scaled)
     return dataclasses.replace(params, intensity=intensity)
 
 

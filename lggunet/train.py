@@ -77,8 +77,7 @@ class _Run:
     partial: dict | None = None  # the record of a checkpoint saved mid-epoch
     stopped_early: int | None = None
     clock: history.Clock = dataclasses.field(default_factory=history.Clock)
-    gc_pauses: host_gc.FullCollections = dataclasses.field(default_factory=host_gc.FullCollections)
-    steady: host_gc.SteadyHost = dataclasses.field(default_factory=host_gc.SteadyHost)
+    gc: host_gc.LoopCollector = dataclasses.field(default_factory=host_gc.LoopCollector)
 
     def __post_init__(self):
         self.clock.batch_size = self.config.batch_size
@@ -137,8 +136,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> tuple[TrainState
         (workdir / workdirs.FINAL_METRICS_FILE).unlink(missing_ok=True)
     window = profiling.StepWindow(config.profile, workdir, run.total_steps, run.host_step)
     try:
-        with StopRequest() as stop, window, run.gc_pauses, run.steady:
-            _log("%d objects of the set-up kept out of full garbage collections", run.steady.frozen)
+        with StopRequest() as stop, window, run.gc:
             run.clock.start(run.host_step)  # for images/s and the ETA
             for epoch in range(run.start_epoch, config.num_epochs + 1):
                 position = run.start_position if epoch == run.start_epoch else 0
@@ -312,10 +310,7 @@ def _end_of_epoch(
         "images_per_s": rate[0] / max(rate[1], 1e-9),
         "epoch_seconds": time.perf_counter() - rate[2],  # validation included
     }
-    record["gc_full_collections"], record["gc_full_ms"] = run.gc_pauses.take()
-    run.gc_pauses.paused = True  # a chosen pass, between the epoch's steps and the next's
-    record["gc_epoch_end_ms"] = run.steady.again()
-    run.gc_pauses.paused = False
+    record.update(run.gc.epoch_end())  # the host's garbage collector (lggunet.host_gc)
     stop_now = run.early.update(epoch, val["loss"])
     run.store.save(run.host_step, run.state, {**record, "early_stopping": run.early.to_json()})
     if epoch % run.config.summary_every_epochs == 0 or stop_now:

@@ -64,3 +64,15 @@ def test_steady_host_leaves_a_freeze_of_the_process_alone():
         assert gc.get_freeze_count() >= before > 0
     finally:
         gc.unfreeze()
+
+
+def test_loop_collector_reports_passes_by_epoch_and_not_its_own():
+    with host_gc.LoopCollector() as loop:
+        assert gc.get_freeze_count() > 0
+        gc.collect()
+        first = loop.epoch_end()
+        assert first["gc_full_collections"] == 1 and first["gc_full_ms"] > 0
+        assert first["gc_epoch_end_ms"] >= 0
+        second = loop.epoch_end()  # the chosen pass of the first call is not counted
+        assert (second["gc_full_collections"], second["gc_full_ms"]) == (0, 0.0)
+    assert gc.get_freeze_count() == 0 and loop.pauses._callback not in gc.callbacks
