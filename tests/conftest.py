@@ -13,6 +13,15 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so `configs` imports as it does for run.py
 
+# The tests train, resume and evaluate tiny models many times over, compiling the same steps
+# again each time: jax's persistent compilation cache keeps each compiled step once, shared by
+# the xdist workers and the run.py subprocesses they start (they inherit the environment; a
+# file lock, hence the filelock package, keeps concurrent writes whole). A clean clone starts
+# empty; an entry is keyed by the program, its compile options and the jax and XLA versions.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
+
 REAL_DATA_ENV = "LGG_DATA_DIR"
 _DEFAULT_REAL = REPO.parent / "shared" / "data" / "lgg" / "kaggle_3m"
 
