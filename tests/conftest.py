@@ -14,12 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so `configs` imports as it does for run.py
 
 # The tests train, resume and evaluate tiny models many times over, compiling the same steps
-# again each time: jax's persistent compilation cache keeps each compiled step once, shared by
-# the xdist workers and the run.py subprocesses they start (they inherit the environment; a
-# file lock, hence the filelock package, keeps concurrent writes whole). A clean clone starts
-# empty; an entry is keyed by the program, its compile options and the jax and XLA versions.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# again each time: jax's persistent compilation cache keeps each compiled step (those that
+# take over half a second to compile) and reads it back after. One folder per xdist worker,
+# shared with the run.py subprocesses it starts (they inherit the environment; a file lock,
+# hence the filelock package, keeps their writes whole): workers sharing one lock waited on
+# each other. A clean clone starts empty; an entry is keyed by the program, its compile
+# options and the jax and XLA versions.
+_XLA_CACHE = REPO / ".pytest_cache" / "xla" / os.environ.get("PYTEST_XDIST_WORKER", "main")
+if os.environ.get("LGG_TEST_XLA_CACHE") or "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["LGG_TEST_XLA_CACHE"] = "1"  # ours, not the user's: each worker sets its own
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
 
 REAL_DATA_ENV = "LGG_DATA_DIR"
