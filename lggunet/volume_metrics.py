@@ -33,6 +33,14 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def _crop_around(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the box around their voxels: erosion treats the outside as empty, as
+    the volume is there, so surfaces and the distances between them are the whole volume's
+    (a tumour fills a few percent of it: the distance transforms take that much less time)."""
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(a | b))
+    return a[box], b[box]
+
+
 def hd95(true: np.ndarray, pred: np.ndarray, spacing=None) -> float:
     """95th-percentile Hausdorff distance between the masks' surfaces: the larger of the two
     directed 95th percentiles (MONAI's `compute_hausdorff_distance(percentile=95)`; medpy's
@@ -42,6 +50,7 @@ def hd95(true: np.ndarray, pred: np.ndarray, spacing=None) -> float:
     t, p = np.asarray(true, bool), np.asarray(pred, bool)
     if not t.any() or not p.any():
         return float("nan")
+    t, p = _crop_around(t, p)
     st, sp = _surface(t), _surface(p)
     # distance of every voxel to T's (P's) surface
     to_true = ndimage.distance_transform_edt(~st, sampling=spacing)

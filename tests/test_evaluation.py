@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 import lggunet
@@ -58,6 +59,33 @@ def test_hd95_matches_brute_force_on_random_volumes(seed):
     pred[0:3, 7 + seed : 16 + seed, 4:12] = True
     pred |= rng.random(pred.shape) > 0.985  # a few stray voxels
     assert volume_metrics.hd95(true, pred) == pytest.approx(brute_hd95(true, pred), abs=1e-9)
+
+
+@pytest.mark.parametrize("where", ["middle", "edges", "apart"])
+def test_hd95_of_small_masks_in_a_large_volume_matches_brute_force(where):
+    """hd95 works on the box around both masks: masks at the volume's faces (their surface
+    there included) and far apart give the whole volume's answer, with and without spacing."""
+    true = np.zeros((6, 96, 80), bool)
+    pred = np.zeros_like(true)
+    if where == "middle":
+        true[2:4, 40:50, 30:37] = True
+        pred[1:4, 42:53, 28:35] = True
+    elif where == "edges":
+        true[0:3, 0:9, 70:80] = True  # touches three faces
+        pred[0:2, 0:6, 74:80] = True
+        pred[5, 95, 0] = True  # a stray voxel in the opposite corner
+    else:
+        true[1:3, 3:8, 3:9] = True
+        pred[3:5, 80:90, 60:75] = True
+    expected = brute_hd95(true, pred)
+    assert volume_metrics.hd95(true, pred) == pytest.approx(expected, abs=1e-9)
+    spacing = (3.0, 0.5, 0.7)
+    st, sp = volume_metrics._surface(true), volume_metrics._surface(pred)
+    whole = max(  # the uncropped computation, by SciPy on the whole grid
+        np.percentile(ndimage.distance_transform_edt(~st, sampling=spacing)[sp], 95),
+        np.percentile(ndimage.distance_transform_edt(~sp, sampling=spacing)[st], 95),
+    )
+    assert volume_metrics.hd95(true, pred, spacing) == pytest.approx(whole, abs=1e-9)
 
 
 def test_dice_precision_recall_and_detection_hand_case():
