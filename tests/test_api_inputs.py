@@ -3,13 +3,13 @@ image only with its scale said."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
 import lggunet
-from lggunet import inference, models, steps
+from lggunet import inference, models
 from lggunet.errors import InputError, LggUnetError
+from tests.helpers.tiny import fresh_state
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def model():
     from tests.helpers.tiny import tiny_config
 
     config = tiny_config()
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     return inference.Model(
         module=models.create(config),
         variables={"params": state.params, "batch_stats": state.batch_stats},

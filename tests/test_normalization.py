@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lggunet import inference, models, normalization, steps
+from tests.helpers.tiny import fresh_state
 
 
 def phantom_volume(rng, n=6, size=48, background=(0, 0, 0), gain=(1.0, 1.0, 1.0)):
@@ -127,7 +128,7 @@ def test_preprocess_and_model_apply_the_same_normalisation(tiny_config):
     config = tiny_config
     config.data.image_size = 32
     config.data.normalize = "brain_zscore"
-    state = steps.create_train_state(config, __import__("jax").random.key(0))
+    state = fresh_state(config)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     model = inference.Model(
         module=models.create(config),

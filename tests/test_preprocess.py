@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lggunet import losses, steps, train
+from tests.helpers.tiny import fresh_state
 
 
 def make_batch(rng, n=2, size=16):
@@ -64,13 +65,14 @@ def test_unknown_normalisation_is_refused():
 
 def test_train_step_augments_with_the_step_key(tiny_config):
     config = tiny_config
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     batch = make_batch(np.random.default_rng(4), n=4, size=32)
     options = steps.StepOptions.from_config(config)
     assert options.augment is not None  # on by default, with the notebook's values
-    a, out_a = train.train_step(state, batch, jax.random.key(1), options)
-    b, out_b = train.train_step(state, batch, jax.random.key(1), options)
-    c, out_c = train.train_step(state, batch, jax.random.key(2), options)
+    step = jax.jit(train.train_step, static_argnums=3)  # eagerly, each draw compiles alone
+    a, out_a = step(state, batch, jax.random.key(1), options)
+    b, out_b = step(state, batch, jax.random.key(1), options)
+    c, out_c = step(state, batch, jax.random.key(2), options)
     assert float(out_a["loss"]) == float(out_b["loss"])
     assert float(out_a["loss"]) != float(out_c["loss"])
     config.augment.enabled = False
@@ -83,7 +85,7 @@ def test_train_step_augments_with_the_step_key(tiny_config):
 def test_train_step_trains_on_soft_targets_when_asked(tiny_config):
     config = tiny_config  # 32x32 inputs
     config.augment.enabled = False
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     batch = make_batch(np.random.default_rng(6), n=4, size=48)  # resized to 32: soft edges
     binary = steps.StepOptions.from_config(config)
     config.soft_targets = True
@@ -106,7 +108,7 @@ def test_train_and_eval_steps_use_the_configured_tversky_beta(tiny_config):
     config = tiny_config
     config.augment.enabled = False
     config.loss = "bce_dice"
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     batch = make_batch(np.random.default_rng(7), n=4, size=32)
     config.tversky_beta = 0.8
     options = steps.StepOptions.from_config(config)
@@ -142,7 +144,7 @@ def test_train_step_with_deep_supervision_adds_the_heads_loss(tiny_config):
     config.augment.enabled = False
     config.loss = "bce_dice"
     config.model.deep_supervision = 1
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     batch = make_batch(np.random.default_rng(8), n=4, size=32)
     options = steps.StepOptions.from_config(config)
     assert options.deep_supervision == 1

@@ -12,6 +12,7 @@ import lggunet
 from lggunet import parallel, report, steps, train
 from lggunet.configs import demo
 from lggunet.errors import ConfigError
+from tests.helpers.tiny import fresh_state
 
 
 def read_jsonl(path):
@@ -60,7 +61,7 @@ def test_plateau_halves_after_patience_epochs_and_not_before():
     config = demo.get_config()
     config.learning_rate = 1e-3
     config.plateau.patience = 3
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     # Improvement, then 3 epochs without (the last one improves by less than min_delta).
     losses = [-0.50, -0.60, -0.59, -0.58, -0.60005]
     rates = []
@@ -83,7 +84,7 @@ def test_plateau_rate_reaches_adam():
     config = demo.get_config()
     config.learning_rate = 1e-3
     config.plateau.patience = 1
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     for val_loss in (-0.5, -0.4):  # one epoch without improvement: halve
         state = steps.step_plateau(state, val_loss, config)
     assert steps.learning_rate(state) == pytest.approx(5e-4)
@@ -158,7 +159,7 @@ def test_step_plateau_leaves_a_cosine_run_alone():
     config = demo.get_config()
     config.lr_schedule = "cosine"
     config.plateau.patience = 0
-    state = steps.create_train_state(config, jax.random.key(0))
+    state = fresh_state(config)
     after = steps.step_plateau(state, 5.0, config)
     assert after is state
 

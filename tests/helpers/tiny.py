@@ -14,3 +14,14 @@ def tiny_config(data_dir: str = ""):
     config.model.depth = 2
     config.summary_images = 2
     return config
+
+
+def fresh_state(config, seed: int = 0):
+    """`steps.create_train_state(config, key(seed))`, compiled as `steps.initial_state` is
+    (unoptimised: called eagerly, each initialiser's draw compiles alone, at length)."""
+    import jax
+
+    from lggunet import steps
+
+    init = jax.jit(lambda: steps.create_train_state(config, jax.random.key(seed)))
+    return init.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()
