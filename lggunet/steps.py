@@ -345,7 +345,7 @@ def initial_state(
 ) -> tuple[TrainState, jax.Array]:
     """(the freshly initialised TrainState, the base PRNG key of the train steps), both
     replicated over `mesh`; a function of `config.seed` only. It runs once, so it is compiled
-    unoptimised: XLA CPU takes ~40 s to optimise the initialisers' draws (values within 1 ulp)."""
+    unoptimised: XLA CPU takes 14-17 s to optimise the initialisers' draws (2-5 s, within 1 ulp)."""
 
     def init():
         init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
