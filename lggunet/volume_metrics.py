@@ -12,16 +12,24 @@ import numpy as np
 from scipy import ndimage
 
 
+def _masks(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both as bool arrays of one shape (NumPy would broadcast others into a wrong answer)."""
+    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    if t.shape != p.shape:
+        raise ValueError(f"true and predicted masks differ in shape: {t.shape} and {p.shape}")
+    return t, p
+
+
 def dice(true: np.ndarray, pred: np.ndarray) -> float:
     """2|T&P| / (|T| + |P|); 1.0 when both are empty."""
-    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    t, p = _masks(true, pred)
     total = t.sum() + p.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(t, p).sum() / total)
 
 
 def precision_recall(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     """(TP / predicted, TP / true); NaN where the denominator is 0."""
-    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    t, p = _masks(true, pred)
     tp = np.logical_and(t, p).sum()
     precision = float(tp / p.sum()) if p.any() else float("nan")
     recall = float(tp / t.sum()) if t.any() else float("nan")
@@ -47,7 +55,7 @@ def hd95(true: np.ndarray, pred: np.ndarray, spacing=None) -> float:
     `hd95` pools both directions and can come out lower). In voxels, or in the units of
     `spacing` (one length per axis, e.g. (slice thickness, pixel, pixel) in mm). NaN if
     either is empty."""
-    t, p = np.asarray(true, bool), np.asarray(pred, bool)
+    t, p = _masks(true, pred)
     if not t.any() or not p.any():
         return float("nan")
     t, p = _crop_around(t, p)

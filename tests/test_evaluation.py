@@ -61,6 +61,15 @@ def test_hd95_matches_brute_force_on_random_volumes(seed):
     assert volume_metrics.hd95(true, pred) == pytest.approx(brute_hd95(true, pred), abs=1e-9)
 
 
+def test_masks_of_different_shapes_are_refused_not_broadcast():
+    one_slice = np.ones((1, 8, 8), bool)
+    volume = np.zeros((4, 8, 8), bool)
+    volume[1, 2:5, 2:5] = True
+    for metric in (volume_metrics.dice, volume_metrics.precision_recall, volume_metrics.hd95):
+        with pytest.raises(ValueError, match=r"\(4, 8, 8\) and \(1, 8, 8\)"):
+            metric(volume, one_slice)
+
+
 @pytest.mark.parametrize("where", ["middle", "edges", "apart"])
 def test_hd95_of_small_masks_in_a_large_volume_matches_brute_force(where):
     """hd95 works on the box around both masks: masks at the volume's faces (their surface
