@@ -117,7 +117,7 @@ def test_recipe_line_names_the_model_options_set():
     assert "InstanceNorm" not in plain and "deep supervision" not in plain
     assert "fainter" not in plain
     config.augment.tumour_contrast_p = 0.3
-    assert ", tumour slices x2, fainter tumours (p 0.3)" in configuration.describe(config)
+    assert ", tumour slices x3, fainter tumours (p 0.3)" in configuration.describe(config)
     config.model.norm, config.model.deep_supervision = "instance", 2
     assert configuration.describe(config).endswith(", InstanceNorm, deep supervision (2 levels)")
 
