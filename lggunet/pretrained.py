@@ -1,4 +1,5 @@
-"""The model inside the package: the shipped `configs/cpu.py` recipe trained on the 49 shared
+"""The model inside the package: the `configs/cpu.py` recipe of sessions 7-20 (tumour
+slices x2, 11 epochs; the file now draws them x3 for 9) trained on the 49 shared
 patients of the Kaggle LGG set (docs/model_card.md). No training, no network:
 
     model = lggunet.load_model("pretrained")

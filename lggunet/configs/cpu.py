@@ -7,9 +7,10 @@ one ensemble.
 The first command trains one model per fold (`runs/cpu/fold_<k>/`, resumable fold by fold)
 and writes `runs/cpu/cv_report.md`: every patient scored once, by the model that never saw it.
 The second predicts with the 5 fold models averaged, each also on the horizontally flipped
-slices (flip TTA). On the 49 shared patients: 5 x ~25 minutes alone on 2 CPU cores (9
-epochs of ~2,000 examples, tumour slices three times, at 13-15 images/s, plus the fold's
-evaluation). RESULTS.md has its cross-validated per-volume Dice there.
+slices (flip TTA). On the 49 shared patients: 9 epochs of ~2,000 examples a fold (tumour
+slices three times), 5 x ~25 minutes on the 2-core machine of session 8 (13-15 images/s
+alone), about 5 x 50 on session 21's (~6 images/s alone, ~9.5 for two folds side by side),
+plus each fold's evaluation. RESULTS.md has its cross-validated per-volume Dice there.
 
 Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam with
 a cosine learning rate (1 epoch of warm-up to 1e-3, then down to 0 at the last step), Dice +
