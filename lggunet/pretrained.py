@@ -1,6 +1,6 @@
-"""The model inside the package: the `configs/cpu.py` recipe of sessions 7-20 (tumour
-slices x2, 11 epochs; the file now draws them x3 for 9) trained on the 49 shared
-patients of the Kaggle LGG set (docs/model_card.md). No training, no network:
+"""The model inside the package: the `configs/cpu.py` recipe shipped in session 21 (tumour
+slices x3, 9 epochs) trained on the 49 shared patients of the Kaggle LGG set
+(docs/model_card.md). No training, no network:
 
     model = lggunet.load_model("pretrained")
     python run.py --mode=predict --input=PATIENT_DIR --output=OUT
