@@ -188,8 +188,10 @@ def main(argv: list[str]) -> None:
                 )
         if _CONFIG_GIVEN:
             logging.info("Config: %s", config_flags.get_config_filename(FLAGS["config"]))
-        configuration.check(FLAGS.config)  # in every mode, before any work
+        # Both before anything starts JAX (the check counts devices).
+        parallel.use_host_devices(FLAGS.config)
         parallel.initialize(FLAGS.config)
+        configuration.check(FLAGS.config)  # in every mode, before any work
         if not parallel.is_main_process():
             logging.set_verbosity(logging.WARNING)
         if FLAGS.mode != "train" and jax.process_count() > 1:

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 13  # `config_version` of configs written by this lggunet
+VERSION = 14  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -64,6 +64,7 @@ ADDED = {
     "model.norm": (11, "batch"),
     "model.deep_supervision": (12, 0),
     "augment.tumour_contrast_p": (13, 0.0),
+    "host_devices": (14, 1),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")
@@ -76,6 +77,7 @@ INTENSITY = "set augment.intensity=True or augment.preset='buda2019_intensity'"
 # are refused up front, naming the field (None: no bound on that side).
 RANGES = {
     "seed": (0, 2**31 - 1, True),
+    "host_devices": (0, 4096, True),
     "num_epochs": (1, 100_000, True),
     "learning_rate": (0, 10, False),
     "tversky_beta": (0, 1, False),
@@ -277,10 +279,6 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
     if config.augment.tumour_contrast_p and not (config.augment.enabled and intensity):
         p = config.augment.tumour_contrast_p
         raise ConfigError(f"augment.tumour_contrast_p={p} is an intensity transform: {INTENSITY}")
-    if config.early_stopping.patience < 0:
-        raise ConfigError(
-            f"early_stopping.patience={config.early_stopping.patience} must be >= 0 (0 = off)"
-        )
     if not 0 <= config.model.dropout < 1:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1)")
     if not 0 <= config.model.bn_momentum < 1:

@@ -38,11 +38,10 @@ def initialize(config: ml_collections.ConfigDict | None = None) -> bool:
     or `config.distributed.auto` is True (cluster auto-detection: SLURM, Open MPI, TPU pods).
     Must run before anything touches a device.
     """
+    if not distributed_requested(config):
+        return False
     dist = config.get("distributed") if config is not None else None
     address = (dist.coordinator_address if dist else "") or os.environ.get(_ENV_COORDINATOR, "")
-    auto = bool(dist and dist.auto)
-    if not address and not auto:
-        return False
     kwargs: dict[str, Any] = {}
     if address:
         num = (dist.num_processes if dist else 0) or int(os.environ.get(_ENV_NUM_PROCESSES, 0))
@@ -69,6 +68,48 @@ def initialize(config: ml_collections.ConfigDict | None = None) -> bool:
         jax.device_count(),
     )
     return True
+
+
+def distributed_requested(config: ml_collections.ConfigDict | None) -> bool:
+    """Whether the config or the environment asks for a multi-process run."""
+    dist = config.get("distributed") if config is not None else None
+    address = (dist.coordinator_address if dist else "") or os.environ.get(_ENV_COORDINATOR, "")
+    return bool(address or (dist and dist.auto))
+
+
+def host_device_count(config: ml_collections.ConfigDict, cores: int | None = None) -> int:
+    """How many JAX devices the CPU is split into: `config.host_devices`, or for 0 (auto) one
+    per core this process may use, at most as many as divide both batch sizes (1 in a
+    multi-process run)."""
+    asked = config.get("host_devices", 1)
+    if asked or distributed_requested(config):
+        return asked or 1
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    sizes = (config.batch_size, config.eval_batch_size)
+    return max(n for n in range(1, max(cores or 1, 1) + 1) if all(b % n == 0 for b in sizes))
+
+
+def use_host_devices(config: ml_collections.ConfigDict) -> int | None:
+    """Splits the CPU into `host_device_count(config)` JAX devices; each runs its share of every
+    batch, side by side (one device per core: 1.5x on 2 cores, BENCHMARKS.md). Call it before
+    anything starts JAX. An XLA_FLAGS --xla_force_host_platform_device_count wins. Returns the
+    count set (None: left as it was). Harmless on GPU/TPU hosts: their CPU devices stay idle."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    count = host_device_count(config)
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started (a caller's own code): too late to split the CPU
+        if jax.default_backend() == "cpu" and jax.device_count() != count:
+            logging.warning(
+                "host_devices: JAX started with %d CPU devices before it could ask for %d; "
+                "call lggunet.parallel.use_host_devices(config) before anything uses JAX",
+                jax.device_count(),
+                count,
+            )
+        return None
+    return count
 
 
 def is_main_process() -> bool:

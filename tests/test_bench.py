@@ -476,3 +476,20 @@ def test_profile_gpu_conv_transpose_variant_is_the_same_up_sampling():
         patched = models.Upsample2x(5).apply(variables, x)
     assert models.Upsample2x is original
     np.testing.assert_allclose(patched, original(5).apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_host_devices_bench_reads_step_times_from_the_log_by_hand():
+    sys.path[:0] = [str(REPO / "bench"), str(REPO)]
+    try:
+        import host_devices
+    finally:
+        del sys.path[:2]
+    log = [
+        "I1129 23:59:50.000000 1 train.py:56] step 40/1134 (epoch 1): loss 0.4, 8.0 images/s\n",
+        "I1129 23:59:55.000000 1 train.py:56] Saved a checkpoint\n",
+        "I1130 00:00:10.000000 1 train.py:56] step 50/1134 (epoch 1): loss 0.3, 8.0 images/s\n",
+    ]
+    times = host_devices.step_times(log)
+    assert times == {40: 86390.0, 50: 10.0}
+    # 10 steps of 16 images in 20 s across midnight: 8 images/s
+    assert host_devices.images_per_second(times, 40, 50, batch=16) == pytest.approx(8.0)

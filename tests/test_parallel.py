@@ -135,3 +135,82 @@ def test_device_cache_feeds_eight_devices_without_device_to_device_copies(tmp_pa
     out = tmp_path / "cache.npz"
     finish(run_worker(["cache", out], devices=8))
     assert int(np.load(out)["step"]) == 5  # 40 examples, batch 8
+
+
+def test_host_devices_auto_is_one_per_core_dividing_both_batch_sizes():
+    from lggunet import parallel
+    from lggunet.configs import cpu, unet
+
+    config = cpu.get_config()  # host_devices 0 (auto), batch 16, eval batch 32
+    counts = [parallel.host_device_count(config, cores) for cores in (1, 2, 3, 4, 16, 64)]
+    assert counts == [1, 2, 2, 4, 16, 16]
+    config.batch_size, config.eval_batch_size = 12, 32
+    assert parallel.host_device_count(config, cores=8) == 4  # 12 and 32: 4 is the largest
+    config.host_devices = 3
+    assert parallel.host_device_count(config, cores=2) == 3  # asked for: taken as given
+    assert parallel.host_device_count(unet.get_config(), cores=16) == 1  # the default
+    config.host_devices = 0
+    config.distributed.coordinator_address = "127.0.0.1:1234"
+    assert parallel.host_device_count(config, cores=16) == 1  # one device per process
+
+
+def run_cli(args, tmp_path, env=None):
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        "TFDS_DATA_DIR": str(tmp_path / "tfds"),
+        "JAX_PLATFORMS": "cpu",
+        **(env or {}),
+    }
+    tiny = [
+        "--config=configs/demo.py",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        "--config.num_epochs=1",
+        "--config.data.phantom_patients=10",
+        "--config.data.phantom_slices=8",
+        "--config.data.image_size=32",
+    ]
+    cmd = [sys.executable, str(REPO / "run.py"), *tiny, *args]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_run_splits_the_cpu_into_the_asked_devices_and_xla_flags_win(tmp_path):
+    split = run_cli([f"--workdir={tmp_path / 'a'}", "--config.host_devices=2"], tmp_path)
+    assert "Devices: 2 (1 processes), global batch 8 = 4 per device" in finish(split)
+    forced = "--xla_force_host_platform_device_count=1"
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import jax; from lggunet import parallel; from lggunet.configs import cpu; "
+            "print(parallel.use_host_devices(cpu.get_config()), jax.device_count())",
+        ],
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": forced, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.stdout.split() == ["None", "1"], probe.stderr[-2000:]
+
+
+def test_two_run_py_processes_train_as_one_distributed_run(tmp_path):
+    """The command line joins jax.distributed before anything starts JAX (the config check
+    counts devices; done first, it made jax.distributed.initialize refuse to run)."""
+    port = free_port()
+    procs = [
+        run_cli(
+            [f"--workdir={tmp_path / 'multi'}", "--config.host_devices=0"],
+            tmp_path,
+            env={
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    outs = [finish(p) for p in procs]
+    assert "Devices: 2 (2 processes), global batch 8 = 4 per device" in outs[0]
+    assert (tmp_path / "multi" / "final_metrics.json").exists()

@@ -8,9 +8,12 @@ The first command trains one model per fold (`runs/cpu/fold_<k>/`, resumable fol
 and writes `runs/cpu/cv_report.md`: every patient scored once, by the model that never saw it.
 The second predicts with the 5 fold models averaged, each also on the horizontally flipped
 slices (flip TTA). On the 49 shared patients: 9 epochs of ~2,000 examples a fold (tumour
-slices three times), 5 x ~25 minutes on the 2-core machine of session 8 (13-15 images/s
-alone), about 5 x 50 on session 21's (~6 images/s alone, ~9.5 for two folds side by side),
-plus each fold's evaluation. RESULTS.md has its cross-validated per-volume Dice there.
+slices three times), on one JAX device 5 x ~25 minutes on the 2-core machine of session 8
+(13-15 images/s), about 5 x 50 on session 21's (~6 images/s), plus each fold's evaluation.
+Since session 23 the CPU is split into one device per core (`host_devices = 0`): fold 0 took
+33 minutes with its evaluation on session 23's machine (10-11 images/s then; 1 device
+alternated with 2 on that machine: BENCHMARKS.md). RESULTS.md has its cross-validated
+per-volume Dice there.
 
 Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam with
 a cosine learning rate (1 epoch of warm-up to 1e-3, then down to 0 at the last step), Dice +
@@ -37,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = unet.get_config()
     # Batch 8 (twice the steps, same cost) cross-validated worse: -0.020 with TTA (RESULTS.md).
     config.batch_size = 16
+    # One JAX device per core: 11.0 images/s against 6.4 on one device (2 cores, BENCHMARKS.md).
+    config.host_devices = 0
     config.eval_batch_size = 32
     # 9 epochs of ~1.7x the slices (tumour slices three times): the steps of 15 plain epochs.
     config.num_epochs = 9
