@@ -65,7 +65,7 @@ def measure(count: int, steps: int, args: argparse.Namespace, scratch: str) -> f
             "--config.data.phantom_patients=100",
             "--config.data.cv_folds=0",
         ]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     proc = subprocess.Popen(
         cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -109,7 +109,7 @@ def main() -> None:
     lines = [
         f"`python bench/host_devices.py --counts={args.counts} --steps={args.steps} "
         f"--rounds={args.rounds}` ({data}; {datetime.date.today()}, {platform.machine()}, "
-        f"{len(os.sched_getaffinity(0))} cores; steps {FIRST_STEP}-{args.steps}, median of rounds)",
+        f"{os.cpu_count()} CPUs; steps {FIRST_STEP}-{args.steps}, median of rounds)",
         "",
         f"| host_devices | images/s | x {counts[0]} device(s) |",
         "| --- | --- | --- |",

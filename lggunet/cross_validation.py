@@ -25,7 +25,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lggunet import configuration, dataset, files, kaggle3m, report, report_files, splits, workdirs
+from lggunet import (
+    configuration,
+    dataset,
+    files,
+    kaggle3m,
+    parallel,
+    report,
+    report_files,
+    splits,
+    workdirs,
+)
 from lggunet.errors import ConfigError
 
 DONE_FILE = workdirs.FOLD_DONE_FILE
@@ -126,6 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
     cross-validation report when all folds are done; returns it (None while folds remain)."""
     from lggunet import train
 
+    parallel.use_host_devices(config)
     configuration.check(config)
     workdir = Path(workdir).expanduser()
     if workdir.exists() and not workdir.is_dir():

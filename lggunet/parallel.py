@@ -23,6 +23,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+# host_devices=0 takes at most this many: measured on 2 cores only, where more devices than
+# cores were slower (BENCHMARKS.md); ask for more with host_devices=N.
+AUTO_MAX_HOST_DEVICES = 4
 
 # Environment variables that mean "this is one process of several" (jax reads the same ones).
 _ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -79,27 +82,42 @@ def distributed_requested(config: ml_collections.ConfigDict | None) -> bool:
 
 def host_device_count(config: ml_collections.ConfigDict, cores: int | None = None) -> int:
     """How many JAX devices the CPU is split into: `config.host_devices`, or for 0 (auto) one
-    per core this process may use, at most as many as divide both batch sizes (1 in a
-    multi-process run)."""
+    per logical CPU this process may use, at most AUTO_MAX_HOST_DEVICES and as many as divide
+    both batch sizes (1 in a multi-process run)."""
     asked = config.get("host_devices", 1)
     if asked or distributed_requested(config):
         return asked or 1
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    most = min(max(cores or 1, 1), AUTO_MAX_HOST_DEVICES)
     sizes = (config.batch_size, config.eval_batch_size)
-    return max(n for n in range(1, max(cores or 1, 1) + 1) if all(b % n == 0 for b in sizes))
+    return max(n for n in range(1, most + 1) if all(b % n == 0 for b in sizes))
 
 
 def use_host_devices(config: ml_collections.ConfigDict) -> int | None:
     """Splits the CPU into `host_device_count(config)` JAX devices; each runs its share of every
-    batch, side by side (one device per core: 1.5x on 2 cores, BENCHMARKS.md). Call it before
-    anything starts JAX. An XLA_FLAGS --xla_force_host_platform_device_count wins. Returns the
-    count set (None: left as it was). Harmless on GPU/TPU hosts: their CPU devices stay idle."""
+    batch, side by side (one device per core: 1.5-1.9x on 2 cores, BENCHMARKS.md). Call it
+    before anything starts JAX (the command line and `train_and_evaluate` do). A host device
+    count in XLA_FLAGS or $JAX_NUM_CPU_DEVICES wins. Returns the count set (None: left as it
+    was). Harmless on GPU/TPU hosts: their CPU devices stay idle."""
+    from lggunet.errors import ConfigError
+
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return None
     count = host_device_count(config)
+    if os.environ.get("JAX_NUM_CPU_DEVICES") or count <= 1:  # <= 1: JAX's own default
+        return None
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % count:
+            raise ConfigError(
+                f"host_devices={count}: {name}={config[name]} must divide among the devices; "
+                "use a divisor of both batch sizes, or 0 (one device per core)"
+            )
     try:
         jax.config.update("jax_num_cpu_devices", count)
+    except AttributeError:  # a JAX without the option (older than 0.5)
+        logging.warning("host_devices=%d: this JAX cannot split the CPU; 1 device", count)
+        return None
     except RuntimeError:  # JAX has started (a caller's own code): too late to split the CPU
         if jax.default_backend() == "cpu" and jax.device_count() != count:
             logging.warning(

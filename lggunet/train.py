@@ -114,9 +114,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def run_training(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict]:
     """`train_and_evaluate`, also returning the final (last-epoch) TrainState.
 
-    One training per workdir at a time (`lggunet.workdirs.locked`); a rerun must ask for the
-    same run as the checkpoints there (`workdirs.check_resumable`), checked before anything
-    is written."""
+    One training per workdir at a time (`workdirs.locked`); a rerun must ask for the same run
+    as the checkpoints there (`workdirs.check_resumable`), checked before any write."""
+    parallel.use_host_devices(config)
     configuration.check(config)
     workdir_path = Path(workdir).expanduser()
     workdirs.check_one_run(config, workdir_path)

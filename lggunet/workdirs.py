@@ -41,6 +41,7 @@ FREE_FIELDS = (
     "profile.",
     "config_version",
     "eval_batch_size",
+    "host_devices",  # the same training up to summation order
     "early_stopping.",
     "distributed.",
     "data.manual_dir",

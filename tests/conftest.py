@@ -26,6 +26,9 @@ if os.environ.get("LGG_TEST_XLA_CACHE") or "JAX_COMPILATION_CACHE_DIR" not in os
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
+# One CPU device per test process (and the run.py subprocesses it starts), whichever config a
+# test trains first: `host_devices` (configs/cpu.py: one device per core) defers to this.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
 
 REAL_DATA_ENV = "LGG_DATA_DIR"
 _DEFAULT_REAL = REPO.parent / "shared" / "data" / "lgg" / "kaggle_3m"

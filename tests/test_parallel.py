@@ -143,9 +143,9 @@ def test_host_devices_auto_is_one_per_core_dividing_both_batch_sizes():
 
     config = cpu.get_config()  # host_devices 0 (auto), batch 16, eval batch 32
     counts = [parallel.host_device_count(config, cores) for cores in (1, 2, 3, 4, 16, 64)]
-    assert counts == [1, 2, 2, 4, 16, 16]
+    assert counts == [1, 2, 2, 4, 4, 4]  # at most AUTO_MAX_HOST_DEVICES
     config.batch_size, config.eval_batch_size = 12, 32
-    assert parallel.host_device_count(config, cores=8) == 4  # 12 and 32: 4 is the largest
+    assert parallel.host_device_count(config, cores=3) == 2  # 12 and 32: 3 splits only one
     config.host_devices = 3
     assert parallel.host_device_count(config, cores=2) == 3  # asked for: taken as given
     assert parallel.host_device_count(unet.get_config(), cores=16) == 1  # the default
@@ -154,9 +154,22 @@ def test_host_devices_auto_is_one_per_core_dividing_both_batch_sizes():
     assert parallel.host_device_count(config, cores=16) == 1  # one device per process
 
 
+def test_host_devices_that_split_no_batch_evenly_are_refused_up_front(monkeypatch):
+    from lggunet import parallel
+    from lggunet.configs import cpu
+    from lggunet.errors import ConfigError
+
+    config = cpu.get_config()
+    assert parallel.use_host_devices(config) is None  # $JAX_NUM_CPU_DEVICES (conftest) wins
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
+    config.host_devices = 3
+    with pytest.raises(ConfigError, match=r"host_devices=3: batch_size=16 must divide among"):
+        parallel.use_host_devices(config)  # before it asks JAX for anything
+
+
 def run_cli(args, tmp_path, env=None):
     env = {
-        **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        **{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")},
         "TFDS_DATA_DIR": str(tmp_path / "tfds"),
         "JAX_PLATFORMS": "cpu",
         **(env or {}),

@@ -133,6 +133,7 @@ def test_config_differences_ignore_free_fields_and_fields_older_runs_lack(tiny_c
     config.predict.threshold = 0.3
     config.data.manual_dir = "/elsewhere"
     config.data.split_seed = 7
+    config.host_devices = 0  # one device per core: a resumed run may change it
     assert (config.model.bn_momentum, config.model.output_bias) == (0.99, 0.0)
     assert workdirs.config_differences(saved, config) == []
     config.model.output_bias = -4.0  # the old run's model started from bias 0

@@ -37,9 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.summary_images = 8  # validation slices drawn into TensorBoard (0: none)
     config.summary_every_epochs = 1  # draw them every this many epochs
     # On a CPU, split it into this many JAX devices, each running its share of every batch side
-    # by side (same training up to summation order; 1.5x on 2 cores). 0: one per core, as many
-    # as divide batch_size and eval_batch_size. Set by the command line before JAX starts
-    # (lggunet.parallel.use_host_devices); XLA_FLAGS's host device count wins.
+    # by side (same training up to summation order; 1.5-1.9x on 2 cores). 0: one per logical
+    # CPU (at most 4), as many as divide batch_size and eval_batch_size. Set before JAX starts
+    # (lggunet.parallel.use_host_devices); XLA_FLAGS's or $JAX_NUM_CPU_DEVICES's count wins.
     config.host_devices = 1
     # A folder for jax's persistent compilation cache ("" = off): reruns skip compiling.
     config.compilation_cache_dir = ""
