@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tifffile
@@ -26,9 +27,10 @@ if os.environ.get("LGG_TEST_XLA_CACHE") or "JAX_COMPILATION_CACHE_DIR" not in os
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
-# One CPU device per test process (and the run.py subprocesses it starts), whichever config a
-# test trains first: `host_devices` (configs/cpu.py: one device per core) defers to this.
-os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
+# JAX started here, with its one CPU device, whichever config a test trains first in this
+# process (`host_devices` of configs/cpu.py would otherwise split the CPU if it came first).
+# Subprocesses choose their own count (XLA_FLAGS or host_devices).
+jax.devices()
 
 REAL_DATA_ENV = "LGG_DATA_DIR"
 _DEFAULT_REAL = REPO.parent / "shared" / "data" / "lgg" / "kaggle_3m"

@@ -154,13 +154,16 @@ def test_host_devices_auto_is_one_per_core_dividing_both_batch_sizes():
     assert parallel.host_device_count(config, cores=16) == 1  # one device per process
 
 
-def test_host_devices_that_split_no_batch_evenly_are_refused_up_front(monkeypatch):
+def test_host_devices_that_split_no_batch_evenly_are_refused_up_front(monkeypatch, caplog):
     from lggunet import parallel
     from lggunet.configs import cpu
     from lggunet.errors import ConfigError
 
     config = cpu.get_config()
-    assert parallel.use_host_devices(config) is None  # $JAX_NUM_CPU_DEVICES (conftest) wins
+    assert parallel.use_host_devices(config) is None  # JAX has started (conftest): too late
+    assert "JAX started with 1 CPU devices before it could ask for 2" in caplog.text
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")
+    assert parallel.use_host_devices(config) is None  # the environment's count wins
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
     config.host_devices = 3
     with pytest.raises(ConfigError, match=r"host_devices=3: batch_size=16 must divide among"):
