@@ -99,6 +99,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_env(port: int, index: int, of: int) -> dict[str, str]:
+    """The environment that makes a process number `index` of a jax.distributed run."""
+    return {
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": str(of),
+        "JAX_PROCESS_ID": str(index),
+    }
+
+
 def test_two_processes_train_like_one(tmp_path):
     """jax.distributed on loopback with gloo CPU collectives: two processes, one device each,
     each reading half of every global batch, end with identical parameters, equal to a
@@ -110,11 +119,7 @@ def test_two_processes_train_like_one(tmp_path):
     procs = [
         run_worker(
             ["train", tmp_path / f"p{i}.npz", tmp_path / "multi", data_dir, 1],
-            env={
-                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                "JAX_NUM_PROCESSES": "2",
-                "JAX_PROCESS_ID": str(i),
-            },
+            env=process_env(port, i, of=2),
         )
         for i in range(2)
     ]
@@ -219,11 +224,7 @@ def test_two_run_py_processes_train_as_one_distributed_run(tmp_path):
         run_cli(
             [f"--workdir={tmp_path / 'multi'}", "--config.host_devices=0"],
             tmp_path,
-            env={
-                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                "JAX_NUM_PROCESSES": "2",
-                "JAX_PROCESS_ID": str(i),
-            },
+            env=process_env(port, i, of=2),
         )
         for i in range(2)
     ]
