@@ -179,37 +179,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.image_size={size} must be a positive multiple of 2**model.depth={2**depth}"
         )
-    _check_split(config.data)
+    splits.check_config(config)
     _check_devices(config)
     _check_training(config)
-
-
-def _check_split(data: ml_collections.ConfigDict) -> None:
-    fractions = splits.check_fractions(data.split_fractions)
-    if fractions[0] == 0 or fractions[1] == 0:
-        raise ConfigError("data.split_fractions: training needs train and validation splits")
-    folds, fold = data.cv_folds, data.cv_fold
-    if folds == 1 or folds < 0 or (folds and not -1 <= fold < folds):
-        raise ConfigError(
-            f"data.cv_folds={folds}, data.cv_fold={fold}: use cv_folds=0 (off) or >= 2, and "
-            "cv_fold in [0, cv_folds) for one fold or -1 for all"
-        )
-    if not folds and fold != -1:
-        raise ConfigError(f"data.cv_fold={fold} needs data.cv_folds >= 2 (cross-validation)")
-    if folds and data.split_mode != "patient":
-        raise ConfigError(
-            "data.cv_folds, data.cv_fold: cross-validation splits by patient (split_mode)"
-        )
-    if data.context_slices and data.split_mode != "patient":
-        raise ConfigError(
-            f"data.context_slices={data.context_slices} needs whole volumes in each split "
-            f"(data.split_mode='patient', not {data.split_mode!r}): a slice-level split "
-            "separates a slice from its neighbours"
-        )
-    if data.split_mode not in splits.SPLIT_MODES:
-        raise ConfigError(
-            f"data.split_mode={data.split_mode!r}: use one of {list(splits.SPLIT_MODES)}"
-        )
 
 
 def _check_devices(config: ml_collections.ConfigDict) -> None:

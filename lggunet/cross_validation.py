@@ -3,7 +3,8 @@
 `data.cv_folds = k` (k >= 2) turns a training run into k runs, `WORKDIR/fold_<i>/`, each an
 ordinary workdir (resumable, evaluable, loadable): fold i's patients are its test set, a share
 of the others (`data.split_fractions[1]` of all patients) its validation set for checkpoint
-choice and the learning-rate schedule, the rest its training set. Folds are stratified by
+choice and the learning-rate schedule, the rest its training set (with a fraction of 0, no
+validation set: every patient outside the fold trains). Folds are stratified by
 institution (`lggunet.splits.cv_folds`). Every patient is scored exactly once, by the model
 that never saw it, at the slices' own 256x256; `cv_report.json` / `.md`, `cv_patients.csv` and
 `cv_volume_dice.png` in WORKDIR aggregate those scores. The fold models together are an

@@ -25,9 +25,10 @@ class Feed:
         self.config = config
         self.mesh = mesh
         self.sources = builder.as_data_source()
-        for split in ("train", "validation"):
-            if split not in self.sources:
-                raise ConfigError(f"the prepared data has no {split!r} split")
+        if "train" not in self.sources:
+            raise ConfigError("the prepared data has no 'train' split")
+        if "validation" not in self.sources and config.data.split_fractions[1] > 0:
+            raise ConfigError("the prepared data has no 'validation' split")
         self.read = {"num_threads": config.data.num_threads, "num_workers": config.data.num_workers}
         self.shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
         fields = {}
@@ -56,8 +57,9 @@ class Feed:
         self.cache = {}
         if config.data.device_cache:
             for split in ("train", "validation"):
-                self.cache[split] = input_pipeline.DeviceCache(self.sources[split], mesh=mesh)
-            logging.info("Device cache: train and validation splits held on the device as uint8")
+                if split in self.sources:
+                    self.cache[split] = input_pipeline.DeviceCache(self.sources[split], mesh=mesh)
+            logging.info("Device cache: %s held on the device as uint8", " and ".join(self.cache))
         factor = config.data.oversample_tumour
         if factor != 1.0:
             areas = self.tumour_area["train"]

@@ -128,7 +128,7 @@ def restore_record(path: Path, meta: dict) -> None:
     known = set()
     if path.exists():
         known = {json.loads(x)["epoch"] for x in path.read_text().splitlines() if x.strip()}
-    if "val_loss" in meta and meta["epoch"] not in known:
+    if "train_loss" in meta and meta["epoch"] not in known:  # an end-of-epoch checkpoint
         append(path, {k: v for k, v in meta.items() if k not in ("early_stopping",)})
 
 
@@ -139,13 +139,25 @@ def fmt_seconds(s: float) -> str:
     )
 
 
+def validation_fields(val: dict | None) -> dict:
+    """An epoch record's validation metrics (`val_*`); none without a validation split."""
+    if val is None:
+        return {}
+    fields = {f"val_{k}": val[k] for k in ("loss", "dice", "iou", "accuracy")}
+    return fields | {"val_slice_dice": val["slice_dice"], "val_volume_dice": val["volume_dice"]}
+
+
 def epoch_line(record: dict, num_epochs: int) -> str:
+    val = "no validation split"
+    if "val_loss" in record:
+        val = (
+            f"val loss {record['val_loss']:.4f} dice {record['val_dice']:.4f} iou "
+            f"{record['val_iou']:.4f} accuracy {100 * record['val_accuracy']:.2f}% "
+            f"volume-dice {record['val_volume_dice']:.4f}"
+        )
     return (
         f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f} dice "
-        f"{record['train_dice']:.4f} | val loss {record['val_loss']:.4f} dice "
-        f"{record['val_dice']:.4f} iou {record['val_iou']:.4f} "
-        f"accuracy {100 * record['val_accuracy']:.2f}% "
-        f"volume-dice {record['val_volume_dice']:.4f} | lr {record['learning_rate']:.2g} | "
+        f"{record['train_dice']:.4f} | {val} | lr {record['learning_rate']:.2g} | "
         f"{record['images_per_s']:.1f} images/s"
     )
 

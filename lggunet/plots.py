@@ -32,15 +32,20 @@ def training_curves(
     epochs = [r["epoch"] for r in records]
     fig = figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
+    validated = [r for r in records if "val_loss" in r]  # none without a validation split
+    val_epochs = [r["epoch"] for r in validated]
     axes[0].plot(epochs, [r["train_loss"] for r in records], label="train")
-    axes[0].plot(epochs, [r["val_loss"] for r in records], label="validation")
+    if validated:
+        axes[0].plot(val_epochs, [r["val_loss"] for r in validated], label="validation")
     title = LOSS_TITLES.get(loss, f"loss ({loss})")
     if tversky_beta != 0.5:
         title = title.replace("Dice", f"Tversky b={tversky_beta:g}")
     axes[0].set_title(title)
     axes[1].plot(epochs, [r["train_dice"] for r in records], label="train Dice (notebook)")
-    axes[1].plot(epochs, [r["val_dice"] for r in records], label="val Dice (notebook)")
-    axes[1].plot(epochs, [r["val_volume_dice"] for r in records], label="val per-volume Dice")
+    if validated:
+        axes[1].plot(val_epochs, [r["val_dice"] for r in validated], label="val Dice (notebook)")
+        per_volume = [r["val_volume_dice"] for r in validated]
+        axes[1].plot(val_epochs, per_volume, label="val per-volume Dice")
     axes[1].set_ylim(0, 1)
     axes[1].set_title("Dice")
     axes[2].semilogy(epochs, [r["learning_rate"] for r in records])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 
 from lggunet.errors import ConfigError
@@ -110,13 +111,13 @@ def split_cross_validation(
     patient_ids: Sequence[str], folds: int, fold: int, val_fraction: float, seed: int
 ) -> dict[str, str]:
     """Patient id -> split for one fold: `test` is the fold itself; `validation` (checkpoint
-    choice and the plateau schedule) is `val_fraction` of all patients (at least one), drawn
-    from the other folds spread over institutions; the rest is `train`."""
+    choice and the plateau schedule) is `val_fraction` of all patients (at least one; none
+    for 0), drawn from the other folds spread over institutions; the rest is `train`."""
     if not 0 <= fold < folds:
         raise ConfigError(f"data.cv_fold={fold} must be in [0, {folds}) for {folds} folds")
     assignment = cv_folds(patient_ids, folds, seed)
     rest = [p for p, f in assignment.items() if f != fold]
-    n_val = max(1, round(val_fraction * len(assignment)))
+    n_val = max(1, round(val_fraction * len(assignment))) if val_fraction > 0 else 0
     if n_val >= len(rest):
         raise ConfigError(
             f"{len(assignment)} patients in {folds} folds leave {len(rest)} outside the test "
@@ -129,3 +130,53 @@ def split_cross_validation(
         p: "test" if f == fold else ("validation" if p in chosen else "train")
         for p, f in assignment.items()
     }
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The split fields of `config` (`data.split_*`, `data.cv_*`), or a ConfigError naming them."""
+    data = config.data
+    fractions = check_fractions(data.split_fractions)
+    if fractions[0] == 0:
+        raise ConfigError("data.split_fractions: training needs a train split")
+    folds, fold = data.cv_folds, data.cv_fold
+    if folds == 1 or folds < 0 or (folds and not -1 <= fold < folds):
+        raise ConfigError(
+            f"data.cv_folds={folds}, data.cv_fold={fold}: use cv_folds=0 (off) or >= 2, and "
+            "cv_fold in [0, cv_folds) for one fold or -1 for all"
+        )
+    if not folds and fold != -1:
+        raise ConfigError(f"data.cv_fold={fold} needs data.cv_folds >= 2 (cross-validation)")
+    if folds and data.split_mode != "patient":
+        raise ConfigError(
+            "data.cv_folds, data.cv_fold: cross-validation splits by patient (split_mode)"
+        )
+    if data.context_slices and data.split_mode != "patient":
+        raise ConfigError(
+            f"data.context_slices={data.context_slices} needs whole volumes in each split "
+            f"(data.split_mode='patient', not {data.split_mode!r}): a slice-level split "
+            "separates a slice from its neighbours"
+        )
+    if data.split_mode not in SPLIT_MODES:
+        raise ConfigError(f"data.split_mode={data.split_mode!r}: use one of {list(SPLIT_MODES)}")
+    _check_validation(config)
+
+
+def _check_validation(config: ml_collections.ConfigDict) -> None:
+    """Without a validation split (data.split_fractions[1] == 0: every patient outside the
+    test split trains), nothing may choose by validation loss."""
+    if check_fractions(config.data.split_fractions)[1] > 0:
+        return
+    needs = []
+    if config.lr_schedule == "plateau":
+        needs.append("lr_schedule='plateau'")
+    if config.evaluate.checkpoint == "best":
+        needs.append("evaluate.checkpoint='best'")
+    if config.early_stopping.patience:
+        needs.append(f"early_stopping.patience={config.early_stopping.patience}")
+    if needs:
+        raise ConfigError(
+            f"data.split_fractions={tuple(config.data.split_fractions)} leaves no validation "
+            f"split, but {', '.join(needs)} choose(s) by validation loss: use "
+            "lr_schedule='cosine', evaluate.checkpoint='last' and early_stopping.patience=0, "
+            "or give validation a fraction"
+        )

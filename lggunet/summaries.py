@@ -67,8 +67,9 @@ def predict_examples(
 
 
 def draw_validation(writer, predict_fn, state, feed, mesh, step: int, count: int) -> None:
-    """`count` validation slices' predictions drawn into TensorBoard (none for count 0)."""
-    if count == 0:
+    """`count` validation slices' predictions drawn into TensorBoard (none for count 0 or
+    without a validation split)."""
+    if count == 0 or "validation" not in feed.sources:
         return
     out, titles = predict_examples(
         predict_fn, state, feed.sources["validation"], feed.tumour_area["validation"], mesh, count
@@ -78,16 +79,20 @@ def draw_validation(writer, predict_fn, state, feed, mesh, step: int, count: int
 
 
 def draw_final(predict_fn, state, feed, mesh, workdir: Path, count: int) -> None:
-    """curves.png (metrics.jsonl) and <split>_predictions.png: the best checkpoint on
-    test slices (validation without a test split); 8 slices when `count` is 0."""
-    shown = "test" if "test" in feed.sources else "validation"
-    out, titles = predict_examples(
-        predict_fn, state, feed.sources[shown], feed.tumour_area[shown], mesh, count or 8
-    )
+    """curves.png (metrics.jsonl) and <split>_predictions.png: the chosen checkpoint on
+    test slices (validation without a test split, none without either); 8 slices when
+    `count` is 0."""
+    shown = next((s for s in ("test", "validation") if s in feed.sources), None)
+    if shown is not None:
+        out, titles = predict_examples(
+            predict_fn, state, feed.sources[shown], feed.tumour_area[shown], mesh, count or 8
+        )
     if parallel.is_main_process():
         curves = workdir / "curves.png"
         config = feed.config
         plots.training_curves(workdir / "metrics.jsonl", curves, config.loss, config.tversky_beta)
-        grid = workdir / f"{shown}_predictions.png"
-        plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
-        logging.info("Wrote %s and %s", workdir / "curves.png", grid)
+        logging.info("Wrote %s", curves)
+        if shown is not None:
+            grid = workdir / f"{shown}_predictions.png"
+            plots.contour_grid(out["image"], out["mask"], out["prob"], titles, grid)
+            logging.info("Wrote %s", grid)

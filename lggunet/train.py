@@ -292,26 +292,23 @@ def _log_step(run: _Run, epoch: int, step: int, out: dict) -> None:
 def _end_of_epoch(
     run: _Run, epoch: int, mean: history.RunningMean, rate: tuple[int, float, float]
 ) -> bool:
-    """Validates, steps the plateau schedule, saves, logs and draws; True to stop early."""
-    feed = run.feed
-    val = evaluate(
-        run.steps.eval, run.state, *feed.eval_batches("validation"), feed.patient_id["validation"]
-    )
-    lr_used = learning_rate(run.state)
-    run.state = run.steps.plateau(run.state, val["loss"])
+    """Validates (when there is a validation split), steps the plateau schedule, saves, logs
+    and draws; True to stop early."""
+    feed, val, lr_used, split = run.feed, None, learning_rate(run.state), "validation"
+    if split in feed.sources:
+        val = evaluate(run.steps.eval, run.state, *feed.eval_batches(split), feed.patient_id[split])
+        run.state = run.steps.plateau(run.state, val["loss"])
     record = {
         "epoch": epoch,
         "step": run.host_step,
         "learning_rate": lr_used,
         **{f"train_{k}": v for k, v in mean.result().items()},
-        **{f"val_{k}": val[k] for k in ("loss", "dice", "iou", "accuracy")},
-        "val_slice_dice": val["slice_dice"],
-        "val_volume_dice": val["volume_dice"],
+        **history.validation_fields(val),
         "images_per_s": rate[0] / max(rate[1], 1e-9),
         "epoch_seconds": time.perf_counter() - rate[2],  # validation included
     }
     record.update(run.gc.epoch_end())  # the host's garbage collector (lggunet.host_gc)
-    stop_now = run.early.update(epoch, val["loss"])
+    stop_now = val is not None and run.early.update(epoch, val["loss"])
     run.store.save(run.host_step, run.state, {**record, "early_stopping": run.early.to_json()})
     if epoch % run.config.summary_every_epochs == 0 or stop_now:
         summaries.draw_validation(  # a collective: every process runs it

@@ -12,6 +12,8 @@ import tifffile
 from lggunet import configuration, cross_validation, dataset, inference, predict_files, train
 from lggunet.errors import ConfigError
 
+PHANTOM_PATIENTS = [f"TCGA_PH_{i:04d}" for i in range(1, 5)]  # cv_config's 4
+
 
 @pytest.fixture
 def cv_config(tiny_config):
@@ -40,7 +42,7 @@ def test_cross_validation_trains_every_fold_and_reports_each_patient_once(cv_con
         assert not set(patients["test"]) & set(patients["train"])
         assert not set(patients["test"]) & set(patients["validation"])
         tested += patients["test"]
-    assert sorted(tested) == [f"TCGA_PH_{i:04d}" for i in range(1, 5)]
+    assert sorted(tested) == PHANTOM_PATIENTS
 
     with (workdir / "cv_patients.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -272,3 +274,15 @@ def test_weak_patients_are_sorted_by_how_they_fail():
     assert again.pop("under_segmented") == weak.pop("under_segmented")
     assert again == pytest.approx(weak)
     assert cross_validation._weak_patients([{"dice": "0.5", "true_area": "9"}], "dice") is None
+
+
+def test_a_fold_without_validation_trains_on_every_patient_outside_it(cv_config):
+    cv_config.data.split_fractions = (0.9, 0.0, 0.1)
+    tested = []
+    for k in range(2):
+        fold = dataset.prepare(cross_validation.fold_config(cv_config, k).data)
+        patients = fold.info.metadata["patients"]
+        assert patients["validation"] == [] and "validation" not in fold.info.splits
+        assert sorted(patients["train"] + patients["test"]) == PHANTOM_PATIENTS
+        tested += patients["test"]
+    assert sorted(tested) == PHANTOM_PATIENTS

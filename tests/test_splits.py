@@ -85,3 +85,32 @@ def test_each_patient_is_tested_exactly_once_and_never_trained_on_in_its_fold():
 def test_bad_fold_settings_are_config_errors(folds, fold):
     with pytest.raises(ConfigError, match="fold"):
         splits.split_cross_validation(mixed_patients(), folds, fold, 0.1, seed=0)
+
+
+def test_cv_without_validation_trains_on_every_patient_outside_the_fold():
+    patients = mixed_patients()
+    for k in range(5):
+        with_val = splits.split_cross_validation(patients, 5, k, 0.1, seed=3)
+        split = splits.split_cross_validation(patients, 5, k, 0.0, seed=3)
+        assert "validation" not in split.values()
+        test = {p for p, s in split.items() if s == "test"}
+        assert test == {p for p, s in with_val.items() if s == "test"}  # the same folds
+        assert {p for p, s in split.items() if s == "train"} == set(patients) - test
+
+
+def test_no_validation_split_refuses_what_chooses_by_validation_loss():
+    from lggunet.configs import unet
+
+    config = unet.get_config()
+    config.data.split_fractions = (0.9, 0.0, 0.1)
+    with pytest.raises(ConfigError, match="lr_schedule='plateau', evaluate.checkpoint='best'"):
+        splits.check_config(config)
+    config.lr_schedule, config.evaluate.checkpoint = "cosine", "last"
+    config.early_stopping.patience = 3
+    with pytest.raises(ConfigError, match=r"no validation split, but early_stopping.patience=3"):
+        splits.check_config(config)
+    config.early_stopping.patience = 0
+    splits.check_config(config)  # nothing left that needs a validation split
+    config.data.split_fractions = (0.0, 0.0, 1.0)
+    with pytest.raises(ConfigError, match="needs a train split"):
+        splits.check_config(config)

@@ -155,6 +155,37 @@ def test_cosine_run_sets_the_rate_each_step_and_ignores_the_plateau(tiny_config,
     assert "Checkpoint: the last, step" in (workdir / "report.md").read_text()
 
 
+def test_a_run_without_validation_trains_on_the_rest_resumes_and_reports(tiny_config, tmp_path):
+    config = tiny_config
+    config.data.phantom = True
+    config.data.split_fractions = (0.75, 0.0, 0.25)  # every patient outside test trains
+    config.lr_schedule, config.evaluate.checkpoint = "cosine", "last"
+    config.early_stopping.patience, config.num_epochs = 0, 2
+    workdir = tmp_path / "run"
+    final = train.train_and_evaluate(config, str(workdir))
+    assert "validation" not in final and np.isfinite(final["test"]["volume_dice"])
+    recorded = json.loads((workdir / "splits.json").read_text())["patients"]
+    assert recorded["validation"] == [] and recorded["test"]
+    assert not set(recorded["train"]) & set(recorded["test"])
+    records = read_jsonl(workdir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert not [k for r in records for k in r if k.startswith("val_")]
+    assert (workdir / "curves.png").stat().st_size and (workdir / "test_predictions.png").exists()
+
+    # A kill between the last checkpoint and its log line: the record comes back from the
+    # checkpoint when the command is rerun.
+    (workdir / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    train.train_and_evaluate(config, str(workdir))
+    assert read_jsonl(workdir / "metrics.jsonl") == records
+
+    scored = report.evaluate_run(config, workdir)
+    assert set(scored["splits"]) == {"train", "test"}
+    assert "val_loss n/a" in (workdir / "report.md").read_text()
+    config.evaluate.checkpoint = "best"  # nothing to choose it by
+    with pytest.raises(ConfigError, match="no validation split, but evaluate.checkpoint='best'"):
+        report.evaluate_run(config, workdir)
+
+
 def test_step_plateau_leaves_a_cosine_run_alone():
     config = demo.get_config()
     config.lr_schedule = "cosine"

@@ -102,7 +102,9 @@ def _data() -> ml_collections.ConfigDict:
     data.image_size = 256  # the model's input size; slices are resized on device
     data.split_mode = "patient"  # "patient", or "slice" (leaky: the notebook's split)
     data.split_seed = 0
-    data.split_fractions = (0.8, 0.1, 0.1)  # train, validation, test (of patients)
+    # Train, validation, test (of patients). Validation 0: none, when nothing chooses by its
+    # loss (lr_schedule "cosine", evaluate.checkpoint "last", early_stopping.patience 0).
+    data.split_fractions = (0.8, 0.1, 0.1)
     # Patient-level k-fold cross-validation (folds stratified by institution, split_seed):
     # cv_folds > 1 trains one model per fold in WORKDIR/fold_<k> (test = fold k; validation =
     # split_fractions[1] of the patients, from the other folds), then writes cv_report.*.
