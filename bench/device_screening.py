@@ -79,7 +79,7 @@ def run_variant(name: str, overrides: str, args) -> dict:
         error = f"train exit {train.returncode}"
         return _record({"run": name, "overrides": overrides, "error": error}, args)
     code = (
-        "import sys; from lggunet import inference, report; "
+        "import sys; from lggunet import configuration, report; "
         "wd = sys.argv[1]; r = report.evaluate_run(configuration.saved_config(wd), wd, "
         "splits=('validation',)); v = r['splits']['validation']['variants']; "
         "print('SCORES', __import__('json').dumps({k: [m['volume_dice']['mean'], "

@@ -17,7 +17,7 @@ def load(workdir: Path) -> dict:
     final = json.loads((workdir / "final_metrics.json").read_text())
     report = json.loads((workdir / "report.json").read_text())
     epochs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    epochs = [e for e in epochs if "epoch" in e and "val_loss" in e]
+    epochs = [e for e in epochs if "epoch" in e and "train_loss" in e]
     return {"final": final, "report": report, "epochs": epochs}
 
 
@@ -38,7 +38,8 @@ def main() -> None:
     for name, workdir in runs:
         r = load(workdir)
         report, final = r["report"], r["final"]
-        val = report["splits"]["validation"]["variants"]["plain"]["volume_dice"]["mean"]
+        val = report["splits"].get("validation")  # none for a run without validation
+        val = val and val["variants"]["plain"]["volume_dice"]["mean"]
         test = report["splits"]["test"]
         nb = test["notebook"]["plain"]
         variants = test["variants"]
@@ -49,7 +50,8 @@ def main() -> None:
             rows = [row for row in csv.DictReader(f) if row["split"] == "test"]
         per_patient = ", ".join(f"{row['patient'][5:]} {float(row['dice']):.3f}" for row in rows)
         print(
-            f"| {name} | {len(r['epochs'])} ({final['best_epoch']}) | {minutes:.0f} | "
+            f"| {name} | {len(r['epochs'])} ({final.get('best_epoch', 'last')}) | "
+            f"{minutes:.0f} | "
             f"{fmt(val)} | {fmt(nb['dice'])} / {fmt(nb['iou'])} / {100 * nb['accuracy']:.2f}% | "
             f"{fmt(vd['plain'])} | {fmt(vd['tta'])} | {fmt(vd['lcc'])} | {fmt(vd['tta+lcc'])} | "
             f"{per_patient} |"

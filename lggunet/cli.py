@@ -92,6 +92,7 @@ class _QuietLibraries(pylogging.Filter):
         "OpenCV is not installed",
         "Done writing",
         "Generating dataset",
+        "Requested `tracked_metric`",  # orbax, on each save of a run without validation
     )
 
     def filter(self, record: pylogging.LogRecord) -> bool:

@@ -254,6 +254,12 @@ def restore_variables(
     checkpoint = check_checkpoint(checkpoint)
     if checkpoint is None:
         checkpoint = config.evaluate.get("checkpoint", "best")
+    if checkpoint == "best" and tuple(config.data.split_fractions)[1] == 0:
+        raise ConfigError(
+            f"{checkpoints}: checkpoint 'best' is the lowest validation loss, but this run "
+            "trained without a validation split (data.split_fractions[1] = 0): use 'last' "
+            "(--config.evaluate.checkpoint=last)"
+        )
     abstract = models.abstract_variables(config)
     store = CheckpointStore(checkpoints)
     try:

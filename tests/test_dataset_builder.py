@@ -226,3 +226,15 @@ def test_volume_statistics_and_tumour_area(real_builder, real_data):
     for i in range(len(source)):
         e = source[i]
         assert int(e["tumour_area"]) == int(e["mask"].sum())
+
+
+def test_each_split_has_its_own_prepared_folder():
+    from lggunet.datasets.lgg_mri_segmentation.lgg_mri_segmentation import make_config
+
+    def name(fractions, **kw):
+        return make_config("ab" * 32, split_fractions=fractions, **kw).name
+
+    assert name((0.8, 0.1, 0.1)) == "patient-seed0-80-10-10-abababababababab"  # as before
+    assert name((0.9, 0.0, 0.1)) != name((0.9, 0.004, 0.096))  # no validation vs one patient
+    assert "-90-0p4-9p6-" in name((0.9, 0.004, 0.096))
+    assert name((0.98, 0.01, 0.01), cv_folds=5).startswith("patient-seed0-98-1-1-cv5fold0-")

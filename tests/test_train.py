@@ -184,6 +184,14 @@ def test_a_run_without_validation_trains_on_the_rest_resumes_and_reports(tiny_co
     config.evaluate.checkpoint = "best"  # nothing to choose it by
     with pytest.raises(ConfigError, match="no validation split, but evaluate.checkpoint='best'"):
         report.evaluate_run(config, workdir)
+    # Nor with a config that has validation (the run's own split is what counts), nor by hand:
+    # 'best' never quietly means the last.
+    config.data.split_fractions, config.lr_schedule = (0.8, 0.1, 0.1), "plateau"
+    with pytest.raises(ConfigError, match="trained without a validation split.*use 'last'"):
+        report.evaluate_run(config, workdir)
+    with pytest.raises(ConfigError, match="trained without a validation split"):
+        lggunet.load_model(str(workdir), checkpoint="best")
+    assert lggunet.load_model(str(workdir)).step == records[-1]["step"]  # the run's own: last
 
 
 def test_step_plateau_leaves_a_cosine_run_alone():

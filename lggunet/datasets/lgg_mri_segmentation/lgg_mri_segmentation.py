@@ -50,7 +50,8 @@ def make_config(
     cv_fold: int = 0,
 ) -> LggConfig:
     fractions = tuple(float(f) for f in split_fractions)
-    pct = "-".join(f"{round(f * 100):d}" for f in fractions)
+    # Percent, exact (0.004 -> "0p4"): two splits never share a prepared folder.
+    pct = "-".join(f"{f * 100:.10g}".replace(".", "p") for f in fractions)
     cv = f"-cv{cv_folds}fold{cv_fold}" if cv_folds else ""
     description = f"{split_mode}-level split {fractions}, seed {split_seed}"
     if cv_folds:
