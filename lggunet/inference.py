@@ -32,6 +32,7 @@ from lggunet.checkpointing import CheckpointStore
 from lggunet.context import normalize_stacked, volume_neighbours
 from lggunet.errors import ConfigError, InputError
 from lggunet.inputs import check_images, check_statistics, check_threshold
+from lggunet.splits import check_best_has_validation
 
 __all__ = [
     "Ensemble",
@@ -249,17 +250,10 @@ def restore_variables(
 ) -> tuple[dict[str, Any], dict]:
     """({"params"[, "batch_stats"]}, the checkpoint's record) of `checkpoint` ("best": the
     lowest validation loss, "last": the newest, each else the next readable one; a step
-    number; None: `config.evaluate.checkpoint`): only the weights are read, not the
-    optimizer's state."""
+    number; None: `config.evaluate.checkpoint`): only the weights, not the optimizer's."""
     checkpoint = check_checkpoint(checkpoint)
-    if checkpoint is None:
-        checkpoint = config.evaluate.get("checkpoint", "best")
-    if checkpoint == "best" and tuple(config.data.split_fractions)[1] == 0:
-        raise ConfigError(
-            f"{checkpoints}: checkpoint 'best' is the lowest validation loss, but this run "
-            "trained without a validation split (data.split_fractions[1] = 0): use 'last' "
-            "(--config.evaluate.checkpoint=last)"
-        )
+    checkpoint = config.evaluate.get("checkpoint", "best") if checkpoint is None else checkpoint
+    check_best_has_validation(config, checkpoint, checkpoints)
     abstract = models.abstract_variables(config)
     store = CheckpointStore(checkpoints)
     try:

@@ -180,3 +180,14 @@ def _check_validation(config: ml_collections.ConfigDict) -> None:
             "lr_schedule='cosine', evaluate.checkpoint='last' and early_stopping.patience=0, "
             "or give validation a fraction"
         )
+
+
+def check_best_has_validation(config: ml_collections.ConfigDict, checkpoint, where) -> None:
+    """ConfigError when `checkpoint` is "best" for a run (`config`, its own) that trained
+    without a validation split: its checkpoints carry no validation loss to choose by."""
+    if checkpoint == "best" and tuple(config.data.split_fractions)[1] == 0:
+        raise ConfigError(
+            f"{where}: checkpoint 'best' is the lowest validation loss, but this run trained "
+            "without a validation split (data.split_fractions[1] = 0): use 'last' "
+            "(--config.evaluate.checkpoint=last)"
+        )
