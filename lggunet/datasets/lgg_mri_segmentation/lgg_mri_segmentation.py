@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import PIL.Image
@@ -19,6 +20,18 @@ a 256x256x3 uint8 image whose channels are pre-contrast, FLAIR and post-contrast
 """
 
 _HOMEPAGE = "https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"
+
+# zlib level of the stored PNGs. Lossless at any level; 1 encodes an MRI slice ~4x faster
+# than PIL's default 6 (7 against 27 ms; about half of a preparation's time went there) for
+# ~18% larger files, and decodes as fast.
+PNG_COMPRESS_LEVEL = 1
+
+
+def _png(array: np.ndarray, mode: str) -> bytes:
+    """`array` as PNG bytes (tfds stores encoded bytes as given)."""
+    out = io.BytesIO()
+    PIL.Image.fromarray(array, mode=mode).save(out, format="png", compress_level=PNG_COMPRESS_LEVEL)
+    return out.getvalue()
 
 
 @dataclasses.dataclass
@@ -209,8 +222,8 @@ class LggMriSegmentation(tfds.core.GeneratorBasedBuilder):
             brain_stats = normalization.brain_statistics(images)
             for s, image, mask in zip(case_slices, images, masks, strict=True):
                 example = {
-                    "image": PIL.Image.fromarray(image, mode="RGB"),
-                    "mask": PIL.Image.fromarray(mask, mode="L"),
+                    "image": _png(image, "RGB"),
+                    "mask": _png(mask, "L"),
                     "patient_id": s.patient_id,
                     "institution": s.institution,
                     "slice_index": s.index,
