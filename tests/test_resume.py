@@ -28,6 +28,7 @@ from lggunet import (
 )
 from lggunet.configs import demo
 from lggunet.errors import TrainingDiverged
+from lggunet.interrupts import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {
@@ -267,3 +268,52 @@ def test_bfloat16_trains_with_float32_parameters(tiny_config):
             if hasattr(leaf, "dtype") and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
                 assert leaf.dtype == jax.numpy.float32
     assert out["loss"].dtype == jax.numpy.float32
+
+
+def test_a_run_without_validation_stopped_mid_epoch_resumes_to_the_same_end(
+    tiny_config, tmp_path, monkeypatch
+):
+    config = tiny_config
+    config.data.phantom = True
+    config.data.phantom_patients, config.data.phantom_slices = 8, 12
+    config.data.split_fractions = (0.75, 0.0, 0.25)  # no validation split
+    config.lr_schedule, config.evaluate.checkpoint = "cosine", "last"
+    config.early_stopping.patience, config.num_epochs = 0, 2
+    config.batch_size, config.log_every_steps = 8, 1
+    whole, _ = train.run_training(config, str(tmp_path / "whole"))
+    per_epoch = int(whole.step) // 2
+    assert per_epoch >= 4
+
+    logged = train._log_step
+
+    def stop_in_epoch_2(run, epoch, step, out):
+        logged(run, epoch, step, out)
+        if step == per_epoch + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "_log_step", stop_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train.run_training(config, str(tmp_path / "cut"))
+    monkeypatch.setattr(train, "_log_step", logged)
+    template, _ = steps.initial_state(config, parallel.data_mesh())
+    store = checkpointing.CheckpointStore(tmp_path / "cut" / "checkpoints")
+    _, meta = store.restore_latest(template)
+    store.close()
+    assert meta["epoch"] == 2 and 0 < meta["position"] < per_epoch, meta
+    assert not any(k.startswith("val_") for k in meta)
+    assert not workdirs.finished(tmp_path / "cut")
+
+    resumed, final = train.run_training(config, str(tmp_path / "cut"))
+    assert int(resumed.step) == int(whole.step) and "validation" not in final
+    a, b = (jax.device_get((s.params, s.batch_stats)) for s in (whole, resumed))
+    gaps = [
+        np.max(np.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+    assert max(gaps) <= 1e-6
+    records = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "cut")
+    ]
+    assert [r["epoch"] for r in records[1]] == [1, 2]
+    for x, y in zip(*records, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-6)
