@@ -82,8 +82,9 @@ def start(workdir, data_dir):
     )
 
 
-def latest_state(workdir, data_dir):
-    config = make_config(data_dir)
+def latest_state(workdir, config):
+    """(parameters and BatchNorm statistics on the host, checkpoint meta, state) of the
+    workdir's latest checkpoint."""
     template, _ = steps.initial_state(config, parallel.data_mesh())
     store = checkpointing.CheckpointStore(Path(workdir) / "checkpoints")
     state, meta = store.restore_latest(template)
@@ -112,7 +113,7 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path, c
     log = "".join(seen) + rest
     assert cut.returncode == 143, log[-3000:]  # 128 + SIGTERM: not finished, rerun to continue
     assert "checkpoint saved" in log
-    _, meta, _ = latest_state(tmp_path / "cut", data_dir)
+    _, meta, _ = latest_state(tmp_path / "cut", make_config(data_dir))
     assert meta["epoch"] == 2 and 0 < meta["position"] < steps_per_epoch, meta  # mid-epoch
     assert not (tmp_path / "cut" / "final_metrics.json").exists()
     # Loading the stopped run's model works, with a warning that names it unfinished.
@@ -143,8 +144,8 @@ def test_sigterm_mid_epoch_then_rerun_ends_like_an_uninterrupted_run(tmp_path, c
         inference.load_model(tmp_path / "cut", checkpoint="last")
     assert "has not finished" not in caplog.text
 
-    a, meta_a, _ = latest_state(tmp_path / "whole", data_dir)
-    b, meta_b, _ = latest_state(tmp_path / "cut", data_dir)
+    a, meta_a, _ = latest_state(tmp_path / "whole", make_config(data_dir))
+    b, meta_b, _ = latest_state(tmp_path / "cut", make_config(data_dir))
     assert meta_a["step"] == meta_b["step"] == 2 * steps_per_epoch
     # Same arithmetic on the same data in the same order: equal to float32 rounding (measured
     # bit-identical on CPU; the bound leaves room for a backend that is not).
@@ -295,10 +296,7 @@ def test_a_run_without_validation_stopped_mid_epoch_resumes_to_the_same_end(
     with pytest.raises(Interrupted):
         train.run_training(config, str(tmp_path / "cut"))
     monkeypatch.setattr(train, "_log_step", logged)
-    template, _ = steps.initial_state(config, parallel.data_mesh())
-    store = checkpointing.CheckpointStore(tmp_path / "cut" / "checkpoints")
-    _, meta = store.restore_latest(template)
-    store.close()
+    _, meta, _ = latest_state(tmp_path / "cut", config)
     assert meta["epoch"] == 2 and 0 < meta["position"] < per_epoch, meta
     assert not any(k.startswith("val_") for k in meta)
     assert not workdirs.finished(tmp_path / "cut")
