@@ -13,8 +13,8 @@ slices three times), on one JAX device 5 x ~25 minutes on the 2-core machine of 
 Since session 23 the CPU is split into one device per core (`host_devices = 0`): fold 0 took
 33 minutes with its evaluation on session 23's machine (10-11 images/s then; 1 device
 alternated with 2 on that machine: BENCHMARKS.md), so about 2h40 for the five there and on
-session 25's (extrapolated); 7 epochs would fit two hours but cost -0.014 with TTA (RESULTS.md, session 25).
-RESULTS.md has its cross-validated per-volume Dice there.
+session 25's (extrapolated); 7 epochs would fit two hours but cost -0.014 with TTA
+(RESULTS.md, session 25). RESULTS.md has its cross-validated per-volume Dice there.
 
 Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam with
 a cosine learning rate (1 epoch of warm-up to 1e-3, then down to 0 at the last step), Dice +
