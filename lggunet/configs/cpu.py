@@ -7,14 +7,12 @@ one ensemble.
 The first command trains one model per fold (`runs/cpu/fold_<k>/`, resumable fold by fold)
 and writes `runs/cpu/cv_report.md`: every patient scored once, by the model that never saw it.
 The second predicts with the 5 fold models averaged, each also on the horizontally flipped
-slices (flip TTA). On the 49 shared patients: 9 epochs of ~2,000 examples a fold (tumour
-slices three times), on one JAX device 5 x ~25 minutes on the 2-core machine of session 8
-(13-15 images/s), about 5 x 50 on session 21's (~6 images/s), plus each fold's evaluation.
-Since session 23 the CPU is split into one device per core (`host_devices = 0`): fold 0 took
-33 minutes with its evaluation on session 23's machine (10-11 images/s then; 1 device
-alternated with 2 on that machine: BENCHMARKS.md), so about 2h40 for the five there and on
-session 25's (extrapolated); 7 epochs would fit two hours but cost -0.014 with TTA
-(RESULTS.md, session 25). RESULTS.md has its cross-validated per-volume Dice there.
+slices (flip TTA). On the 49 shared patients: 12 epochs of ~2,000 examples a fold (tumour
+slices three times), one JAX device per core (`host_devices = 0`): 22-24 minutes a fold with
+its evaluation at 19-20 images/s, the whole 5-fold command 1h55 on session 26's 2-core
+machine (a fast one, like session 8's); on one as slow as session 25's (~11 images/s) about
+3h30. 12 epochs instead of 9: +0.006 with TTA over the 49 (CI -0.011 to +0.022), better for
+35 of 49, median 0.842 -> 0.858 (RESULTS.md, session 26, with its per-volume Dice).
 
 Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam with
 a cosine learning rate (1 epoch of warm-up to 1e-3, then down to 0 at the last step), Dice +
@@ -28,7 +26,8 @@ cross-validations, no patient missed; the largest 3D component on top added miss
 the cosine schedule with the last checkpoint in place of the plateau schedule (+0.040 with
 TTA, paired CI +0.010 to +0.075); then tumour slices three times in 9 epochs instead of twice
 in 11, at the same steps and cost (two seeds on folds 0-2, 29 patients: +0.022 with TTA,
-paired CI +0.007 to +0.041, better for 23 of 29). The same settings scale up on an
+paired CI +0.007 to +0.041, better for 23 of 29); then 12 epochs instead of 9 (5 folds,
+session 26). The same settings scale up on an
 accelerator (raise data.image_size, model.features, num_epochs).
 """
 
@@ -44,8 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     # One JAX device per core: 11.0 images/s against 6.4 on one device (2 cores, BENCHMARKS.md).
     config.host_devices = 0
     config.eval_batch_size = 32
-    # 9 epochs of ~1.7x the slices (tumour slices three times): the steps of 15 plain epochs.
-    config.num_epochs = 9
+    # 12 epochs of ~1.7x the slices (tumour slices three times). 9 -> 12 cross-validated better
+    # (RESULTS.md, session 26) and 9 -> 7 worse (session 25): length still pays at this size.
+    config.num_epochs = 12
     config.learning_rate = 1e-3
     # Cross-validated against the plateau schedule (RESULTS.md, session 7): +0.026 with TTA.
     config.lr_schedule = "cosine"
