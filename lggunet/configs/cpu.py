@@ -9,7 +9,7 @@ and writes `runs/cpu/cv_report.md`: every patient scored once, by the model that
 The second predicts with the 5 fold models averaged, each also on the horizontally flipped
 slices (flip TTA). On the 49 shared patients: 12 epochs of ~2,000 examples a fold (tumour
 slices three times), one JAX device per core (`host_devices = 0`): 22-24 minutes a fold with
-its evaluation at 19-20 images/s, the whole 5-fold command 1h55 on session 26's 2-core
+its evaluation at about 19-20 images/s, the whole 5-fold command 1h55 on session 26's 2-core
 machine (a fast one, like session 8's); on one as slow as session 25's (~11 images/s) about
 3h30. 12 epochs instead of 9: +0.006 with TTA over the 49 (CI -0.011 to +0.022), better for
 35 of 49, median 0.842 -> 0.858 (RESULTS.md, session 26, with its per-volume Dice).
@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 20
     # Off: the cosine schedule fixes the run's length and the last checkpoint is kept. With
     # patience 10, 22-epoch folds stopped at epochs 18-19, mid-schedule (RESULTS.md, session 9);
-    # at 9 epochs it could never end a run before its last epoch.
+    # at 9 epochs (the recipe before session 26) it could never end a run before its last epoch.
     config.early_stopping.patience = 0
     config.data.image_size = 128
     config.data.normalize = "brain_zscore"
