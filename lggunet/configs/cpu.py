@@ -11,8 +11,9 @@ slices (flip TTA). On the 49 shared patients: 12 epochs of ~2,000 examples a fol
 slices three times), one JAX device per core (`host_devices = 0`): 22-24 minutes a fold with
 its evaluation at about 19-20 images/s, the whole 5-fold command 1h55 on session 26's 2-core
 machine (a fast one, like session 8's); on one as slow as session 25's (~11 images/s) about
-3h30. 12 epochs instead of 9: +0.006 with TTA over the 49 (CI -0.011 to +0.022), better for
-35 of 49, median 0.842 -> 0.858 (RESULTS.md, session 26, with its per-volume Dice).
+3h30 (extrapolated). 12 epochs instead of 9: +0.006 with TTA over the 49 (CI -0.011 to
++0.022), better for 35 of 49, median 0.842 -> 0.858 (RESULTS.md, session 26, with its
+per-volume Dice).
 
 Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam with
 a cosine learning rate (1 epoch of warm-up to 1e-3, then down to 0 at the last step), Dice +
