@@ -1,5 +1,5 @@
-"""The model inside the package: the `configs/cpu.py` recipe shipped in session 21 (tumour
-slices x3, 9 epochs) trained on the 49 shared patients of the Kaggle LGG set
+"""The model inside the package: the `configs/cpu.py` recipe shipped in session 26 (tumour
+slices x3, 12 epochs) trained on the 49 shared patients of the Kaggle LGG set
 (docs/model_card.md). No training, no network:
 
     model = lggunet.load_model("pretrained")
