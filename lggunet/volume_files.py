@@ -269,7 +269,8 @@ def log_volume(patient: str, copied: str, slices_read: int, tumour: int, done, t
         logging.warning(
             "%s: all three channels hold the same image (modalities missing and copied); "
             "the 4 such scans of the 49 scored 0.71 mean per-volume Dice in the "
-            "shipped recipe's cross-validation, against 0.79 for all (RESULTS.md): check its masks",
+            "shipped recipe's cross-validation, against 0.78 for all (two seeds; RESULTS.md): "
+            "check its masks",
             patient,
         )
     logging.info(
