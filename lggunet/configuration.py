@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # a run's config, beside its checkpoints
-VERSION = 14  # `config_version` of configs written by this lggunet
+VERSION = 15  # `config_version` of configs written by this lggunet
 # Fields added since the first saved configs, with the value that reproduces how runs made
 # before them behaved: (the version that added the field, that value). `upgrade` fills them in.
 ADDED = {
@@ -65,6 +65,7 @@ ADDED = {
     "model.deep_supervision": (12, 0),
     "augment.tumour_contrast_p": (13, 0.0),
     "host_devices": (14, 1),
+    "model.mirror_input": (15, False),
 }
 CHECKPOINTS = ("best", "last")  # evaluate.checkpoint: which kept checkpoint is used
 DTYPES = ("float32", "bfloat16")

@@ -102,6 +102,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def with_mirror(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, H, W, 2C): each image beside its left-right mirror, so that every
+    pixel also sees the same place in the other hemisphere (the scans are centred within a
+    few pixels; a tumour shows as an asymmetry)."""
+    return jnp.concatenate([x, x[:, :, ::-1]], axis=-1)
+
+
 class UNet(nn.Module):
     """U-Net returning per-pixel logits (B, H, W, 1) in float32; apply a sigmoid for p(tumour).
 
@@ -120,6 +127,9 @@ class UNet(nn.Module):
     training, their logits are sown into the "intermediates" collection as
     `deep_supervision_<i>` for the loss (`lggunet.losses.deep_supervision_loss`); the model's
     output is the full-size logits either way, and inference never runs the heads.
+    `mirror_input` feeds the network each image beside its left-right mirror (`with_mirror`);
+    training passes `mirrored=True` with the pair already made and augmented together, so
+    that a rotation moves both alike.
     `accelerator` picks the layer forms a GPU runs faster (`PixelLinear` for the output
     layer): same parameters, the same result up to float rounding. `create` sets it from
     `model.gpu_layers` ("auto": where JAX's default backend is not the CPU, so CPU runs stay
@@ -136,15 +146,18 @@ class UNet(nn.Module):
     accelerator: bool = False
     norm: str = "batch"
     deep_supervision: int = 0
+    mirror_input: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mirrored: bool = False) -> jax.Array:
         if not 0 <= self.deep_supervision < self.depth:
             raise ValueError(
                 f"deep_supervision={self.deep_supervision}: use 0..{self.depth - 1} (depth - 1)"
             )
         if x.shape[1] % 2**self.depth or x.shape[2] % 2**self.depth:
             raise ValueError(f"image size {x.shape[1:3]} is not divisible by 2**{self.depth}")
+        if self.mirror_input and not mirrored:
+            x = with_mirror(x)
         x = x.astype(self.dtype)
 
         def block(width: int) -> ConvBlock:
@@ -196,6 +209,7 @@ def create(config: ml_collections.ConfigDict, *, inference: bool = False) -> UNe
         accelerator=gpu_layers(config),
         norm=config.model.norm,
         deep_supervision=0 if inference else config.model.deep_supervision,
+        mirror_input=bool(config.model.get("mirror_input", False)),
     )
 
 

@@ -49,8 +49,7 @@ class Weights:
 
 def plateau_schedule(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Keras ReduceLROnPlateau as an optax transformation, stepped once per epoch with the
-    validation loss (improvement: val_loss < best - min_delta; after `patience` epochs
-    without one the rate is multiplied by `factor`)."""
+    validation loss (`patience` epochs without val_loss < best - min_delta: rate x `factor`)."""
     return optax.contrib.reduce_on_plateau(
         factor=config.plateau.factor,
         patience=config.plateau.patience,
@@ -67,16 +66,14 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     channels = context_lib.input_channels(config.data.context_slices)
     variables = model.init(rng, jnp.zeros((1, size, size, channels), jnp.float32), train=False)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.learning_rate)
-    params = variables["params"]
     state = TrainState.create(
         apply_fn=model.apply,
-        params=params,
+        params=variables["params"],
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
-        plateau=plateau_schedule(config).init(params),
+        plateau=plateau_schedule(config).init(variables["params"]),
     )
-    # A strong int32, as a restored checkpoint has it: with the weak-typed 0 of
-    # TrainState.create, the steps would compile again after every restore.
+    # A strong int32 as a restored one (a weak-typed 0 recompiles the steps after a restore).
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
@@ -176,6 +173,7 @@ class StepOptions:
     soft_targets: bool = False  # masks resized / warped without thresholding at 0.5
     tversky_beta: float = 0.5  # the loss's overlap term: 0.5 Dice, more weighs missed tumour
     deep_supervision: int = 0  # training: coarse decoder heads in the loss (model.deep_supervision)
+    mirror_input: bool = False  # training: the mirror pair made before augmentation (models.UNet)
 
     @classmethod
     def from_config(
@@ -199,6 +197,7 @@ class StepOptions:
             soft_targets=bool(config.soft_targets),
             tversky_beta=float(config.tversky_beta),
             deep_supervision=int(config.model.deep_supervision),
+            mirror_input=bool(config.model.mirror_input),
         )
 
 
@@ -266,6 +265,7 @@ def train_step(
         batch, options.image_size, options.normalize, options.soft_targets
     )
     augment_rng, dropout_rng = jax.random.split(rng)
+    images = models.with_mirror(images) if options.mirror_input else images  # warped alike
     if options.augment is not None:
         images, masks = augment_lib.augment_batch(
             augment_rng, images, masks, options.augment, soft=options.soft_targets
@@ -278,6 +278,7 @@ def train_step(
             {"params": params, "batch_stats": state.batch_stats},
             images,
             train=True,
+            mirrored=options.mirror_input,
             mutable=["batch_stats", "intermediates"] if levels else ["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
@@ -343,9 +344,8 @@ def predict_step(state: TrainState, batch: Batch, options: StepOptions) -> dict[
 def initial_state(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> tuple[TrainState, jax.Array]:
-    """(the freshly initialised TrainState, the base PRNG key of the train steps), both
-    replicated over `mesh`; a function of `config.seed` only. It runs once, so it is compiled
-    unoptimised: XLA CPU takes 14-17 s to optimise the initialisers' draws (2-5 s, within 1 ulp)."""
+    """(fresh TrainState, the train steps' base PRNG key), replicated over `mesh`; a function of
+    `config.seed` alone. Compiled unoptimised: it runs once (XLA CPU: 2-5 s, not 14-17 s)."""
 
     def init():
         init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -357,8 +357,8 @@ def initial_state(
 
 @dataclasses.dataclass(frozen=True)
 class CompiledSteps:
-    """The jit-compiled steps of a run over `mesh`: batches sharded, everything else
-    replicated. `train(state, batch, rng)` folds the step number into `rng`."""
+    """A run's jit-compiled steps over `mesh` (batches sharded, all else replicated);
+    `train(state, batch, rng)` folds the step number into `rng`."""
 
     train: Any
     eval: Any

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.config_version = 14  # lggunet.configuration.VERSION: saved configs are upgraded by it
+    config.config_version = 15  # lggunet.configuration.VERSION: saved configs are upgraded by it
     config.seed = 0
     config.batch_size = 32  # global batch, split across devices
     config.eval_batch_size = 32
@@ -191,6 +191,9 @@ def _model() -> ml_collections.ConfigDict:
     # beside the full-size output's 1, normalised. Training only; inference runs no heads.
     model.deep_supervision = 0
     model.dropout = 0.0  # dropout rate on the bottleneck
+    # True: each image beside its left-right mirror as further input channels (a tumour is an
+    # asymmetry between the hemispheres; lggunet.models.with_mirror).
+    model.mirror_input = False
     model.bn_momentum = 0.99  # BatchNorm running statistics (Keras default)
     model.output_bias = 0.0  # initial output logit bias (Keras: 0; a prior: -4, p ~ 0.018)
     # Layer forms a GPU runs faster, same parameters and result (lggunet.models.UNet):
