@@ -215,6 +215,11 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
     if config.model.norm not in NORMS:
         raise ConfigError(f"model.norm={config.model.norm!r}: use one of {list(NORMS)}")
     _check_deep_supervision(config)
+    if config.model.get("mirror_input") and config.augment.get("tumour_contrast_p", 0) > 0:
+        raise ConfigError(
+            "model.mirror_input with augment.tumour_contrast_p > 0: the fainter tumour would "
+            "be drawn on the mirror image at the slice's own mask; use one or the other"
+        )
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"lr_schedule={config.lr_schedule!r}: use one of {list(LR_SCHEDULES)}")
     if config.evaluate.checkpoint not in CHECKPOINTS:

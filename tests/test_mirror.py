@@ -129,3 +129,16 @@ def test_configs_leave_the_mirror_off_and_old_configs_read_as_off():
     del old.model["mirror_input"]
     old.config_version = 14
     assert configuration.upgrade(old).model.mirror_input is False
+
+
+def test_the_fainter_tumour_augmentation_is_refused_beside_the_mirror():
+    from lggunet import configuration
+    from lggunet.configs import cpu
+    from lggunet.errors import ConfigError
+
+    config = cpu.get_config()
+    config.model.mirror_input = True
+    configuration.check(config)
+    config.augment.tumour_contrast_p = 0.3
+    with pytest.raises(ConfigError, match="model.mirror_input with augment.tumour_contrast_p"):
+        configuration.check(config)
