@@ -13,7 +13,7 @@ its evaluation at about 19-20 images/s, the whole 5-fold command 1h55 on session
 machine (a fast one, like session 8's); on one as slow as session 25's (~11 images/s) about
 3h30 (extrapolated). 12 epochs instead of 9: +0.006 with TTA over the 49 (CI -0.011 to
 +0.022), better for 35 of 49, median 0.842 -> 0.858 (RESULTS.md, session 26, with its
-per-volume Dice).
+per-volume Dice); with two seeds a side +0.005 (CI -0.008 to +0.017, 31 of 49; session 29).
 
 Each model: 128x128 inputs, U-Net base 16 / depth 4 (1.94M parameters), batch 16, Adam with
 a cosine learning rate (1 epoch of warm-up to 1e-3, then down to 0 at the last step), Dice +
