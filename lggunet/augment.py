@@ -137,7 +137,7 @@ def augment_example(
     if params.intensity is not None:
         channels = min(image.shape[-1], context_lib.CHANNELS)
         intensity = intensity_lib.draw(jax.random.fold_in(key, 11), params.intensity, channels)
-        if image.shape[-1] > channels:  # a 2.5D stack of slices
+        if image.shape[-1] > channels:  # a 2.5D stack of slices, or the mirror pair
             image = _per_slice(image, intensity, mask)
         else:
             image = intensity_lib.apply(image, intensity, mask)
@@ -145,9 +145,9 @@ def augment_example(
 
 
 def _per_slice(image: jax.Array, t: dict[str, jax.Array], mask: jax.Array) -> jax.Array:
-    """A 2.5D input (channels 3g .. 3g + 2: slice g of the stack) under the same intensity
-    transforms on every slice, each slice with its own noise (a fainter tumour: the centre
-    slice's mask on every slice)."""
+    """A 2.5D input or a mirror pair (`model.mirror_input`; channels 3g .. 3g + 2: image g of
+    the stack) under the same intensity transforms on every image, each with its own noise (a
+    fainter tumour: the centre slice's mask on every image)."""
     h, w, c = image.shape
     stack = image.reshape(h, w, c // context_lib.CHANNELS, context_lib.CHANNELS)
 

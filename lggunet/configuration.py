@@ -215,7 +215,9 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
     if config.model.norm not in NORMS:
         raise ConfigError(f"model.norm={config.model.norm!r}: use one of {list(NORMS)}")
     _check_deep_supervision(config)
-    if config.model.get("mirror_input") and config.augment.get("tumour_contrast_p", 0) > 0:
+    if not isinstance(config.model.mirror_input, bool):
+        raise ConfigError(f"model.mirror_input={config.model.mirror_input!r}: use true or false")
+    if config.model.mirror_input and config.augment.get("tumour_contrast_p", 0) > 0:
         raise ConfigError(
             "model.mirror_input with augment.tumour_contrast_p > 0: the fainter tumour would "
             "be drawn on the mirror image at the slice's own mask; use one or the other"
@@ -373,4 +375,5 @@ def describe(config: ml_collections.ConfigDict) -> str:
         + (f", 2.5D ({k} slices each side)" if (k := config.data.context_slices) else "")
         + (", InstanceNorm" if config.model.get("norm", "batch") == "instance" else "")
         + (f", deep supervision ({d} levels)" if (d := config.model.deep_supervision) else "")
+        + (", mirror input" if config.model.get("mirror_input") else "")
     )

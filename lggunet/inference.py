@@ -85,6 +85,7 @@ class Model:
             f"normalize={self.normalize!r}, tta={self.tta}, "
             + (f"context_slices={self.context_slices}, " if self.context_slices else "")
             + (f"norm={self.module.norm!r}, " if self.module.norm != "batch" else "")
+            + ("mirror_input=True, " if self.module.mirror_input else "")
             + (f"{self.record['name']}, " if self.record.get("name") else "")
             + f"checkpoint step {self.step})"
         )
@@ -238,10 +239,8 @@ def check_checkpoint(checkpoint: str | int | None) -> str | int | None:
     whole = isinstance(checkpoint, int | np.integer) and not isinstance(checkpoint, bool)
     step = whole and checkpoint >= 0
     if not (named or step):
-        raise ConfigError(
-            f"checkpoint={checkpoint!r}: use 'best' (lowest validation loss), 'last' or a step "
-            "number"
-        )
+        why = "use 'best' (lowest validation loss), 'last' or a step number"
+        raise ConfigError(f"checkpoint={checkpoint!r}: {why}")
     return int(checkpoint) if step else checkpoint
 
 
@@ -267,10 +266,11 @@ def restore_variables(
         try:
             variables, meta = store.restore_chosen_weights(checkpoint, abstract)
         except Exception as e:  # another model's checkpoints, or only damaged ones
+            m, k = config.model, config.data.context_slices
             raise ConfigError(
-                f"{checkpoints}: no checkpoint can be read as the config's model "
-                f"(features={config.model.features}, depth={config.model.depth}): "
-                f"{type(e).__name__}: {str(e)[:500]}"
+                f"{checkpoints}: no checkpoint can be read as the config's model (features="
+                f"{m.features}, depth={m.depth}, mirror_input={m.get('mirror_input', False)}, "
+                f"context_slices={k}): {type(e).__name__}: {str(e)[:500]}"
             ) from e
     finally:
         store.close()

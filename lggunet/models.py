@@ -156,6 +156,8 @@ class UNet(nn.Module):
             )
         if x.shape[1] % 2**self.depth or x.shape[2] % 2**self.depth:
             raise ValueError(f"image size {x.shape[1:3]} is not divisible by 2**{self.depth}")
+        if mirrored and not self.mirror_input:
+            raise ValueError("mirrored=True given to a U-Net without mirror_input")
         if self.mirror_input and not mirrored:
             x = with_mirror(x)
         x = x.astype(self.dtype)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lggunet
-from lggunet import augment, losses, report, steps, train
+from lggunet import augment, configuration, losses, models, report, steps, train
 from lggunet.intensity import IntensityParams
 from lggunet.models import UNet
 from tests.helpers.tiny import fresh_state
@@ -34,6 +34,8 @@ def test_a_mirror_model_is_the_unet_on_the_numpy_pair():
     np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-6, atol=1e-6)
     given = model.apply(variables, numpy_pair(x), mirrored=True)
     np.testing.assert_allclose(given, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="without mirror_input"):
+        UNet(features=4, depth=2).apply(variables, numpy_pair(x), mirrored=True)
     # Not left-right symmetric: the mirror of an image is a different input.
     flipped = model.apply(variables, x[:, :, ::-1])[:, :, ::-1]
     assert np.abs(np.asarray(flipped) - np.asarray(expected)).max() > 1e-4
@@ -45,7 +47,7 @@ def test_both_halves_of_the_pair_get_the_same_warp_and_flip(seed):
     mask = np.zeros((24, 24, 1), np.float32)
     params = augment.AugmentParams(rotation_range=30.0, zoom_range=0.1, horizontal_flip=True)
     key = jax.random.key(seed)
-    out, _ = augment.augment_example(key, numpy_pair(x[None])[0], mask, params)
+    out, _ = augment.augment_example(key, models.with_mirror(x[None])[0], mask, params)
     first, _ = augment.augment_example(key, x, mask, params)
     second, _ = augment.augment_example(key, x[:, ::-1], mask, params)
     np.testing.assert_allclose(out[..., :3], first, atol=1e-5)
@@ -111,7 +113,8 @@ def test_a_mirror_run_trains_and_predicts_with_the_pair(tiny_config, tmp_path):
     plain = UNet(features=config.model.features, depth=config.model.depth)
     x = volume.astype(np.float32) / 255
     by_hand = jax.nn.sigmoid(plain.apply(model.variables, numpy_pair(x)))[..., 0]
-    assert model.normalize == "scale"
+    assert model.normalize == "scale" and "mirror_input=True" in repr(model)
+    assert configuration.describe(config).endswith(", mirror input")
     np.testing.assert_allclose(model(volume), by_hand, atol=1e-5)
     scored = report.evaluate_run(config, workdir, splits=("test",))["splits"]["test"]
     plain_scores = scored["variants"]["plain"]
@@ -141,4 +144,43 @@ def test_the_fainter_tumour_augmentation_is_refused_beside_the_mirror():
     configuration.check(config)
     config.augment.tumour_contrast_p = 0.3
     with pytest.raises(ConfigError, match="model.mirror_input with augment.tumour_contrast_p"):
+        configuration.check(config)
+
+
+def test_flip_tta_averages_the_pair_and_its_flip():
+    """TTA flips the 3-channel slice and the network pairs it: U([x, fx]) and U([fx, x])
+    flipped back, averaged (U: the plain U-Net on the NumPy-built pairs)."""
+    x = np.random.default_rng(6).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    module = UNet(features=4, depth=2, mirror_input=True)
+    variables = module.init(jax.random.key(0), x)
+    weights = steps.Weights(variables["params"], variables["batch_stats"], module.apply)
+    plain = UNet(features=4, depth=2)
+
+    def p(pair):
+        return jax.nn.sigmoid(plain.apply(variables, pair))
+
+    fx = x[:, :, ::-1]
+    expected = 0.5 * (np.asarray(p(numpy_pair(x))) + np.asarray(p(numpy_pair(fx)))[:, :, ::-1])
+    got = steps.probabilities(weights, x, 16, tta=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mirror_2p5d_model_takes_every_slice_and_its_mirror():
+    from lggunet.configs import cpu
+
+    config = cpu.get_config()
+    config.model.mirror_input = True
+    config.data.context_slices = 1
+    shapes = models.abstract_variables(config)
+    assert shapes["params"]["ConvBlock_0"]["Conv_0"]["kernel"].shape == (3, 3, 18, 16)
+
+
+def test_a_mirror_setting_that_is_not_a_boolean_is_refused():
+    from lggunet.configs import cpu
+    from lggunet.errors import ConfigError
+
+    config = cpu.get_config()
+    with config.ignore_type():
+        config.model.mirror_input = "false"
+    with pytest.raises(ConfigError, match="model.mirror_input='false'"):
         configuration.check(config)
