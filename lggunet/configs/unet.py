@@ -192,7 +192,8 @@ def _model() -> ml_collections.ConfigDict:
     model.deep_supervision = 0
     model.dropout = 0.0  # dropout rate on the bottleneck
     # True: each image beside its left-right mirror as further input channels (a tumour is an
-    # asymmetry between the hemispheres; lggunet.models.with_mirror).
+    # asymmetry between the hemispheres; lggunet.models.with_mirror). On configs/cpu.py it
+    # cross-validated worse (-0.050 with TTA on folds 0-2, RESULTS.md, session 29).
     model.mirror_input = False
     model.bn_momentum = 0.99  # BatchNorm running statistics (Keras default)
     model.output_bias = 0.0  # initial output logit bias (Keras: 0; a prior: -4, p ~ 0.018)
