@@ -146,7 +146,7 @@ def _prepare(data_config: ml_collections.ConfigDict) -> LggMriSegmentation:
     skipped = builder.info.metadata.get("skipped") or []
     if skipped:
         logging.warning(
-            "data.skip_invalid: %d file(s) were left out of %s:\n  %s",
+            "data.skip_invalid: %d problem(s); the slices they name were left out of %s:\n  %s",
             len(skipped),
             builder.data_path,
             "\n  ".join(skipped),

@@ -296,9 +296,16 @@ def list_slices(source: Source, problems: list[str] | None = None) -> list[Slice
     for key, member in masks.items():
         if key not in images and key not in duplicated:
             problem(f"{source.describe(member)}: mask without an image")
+    gapped = set()
+    for case, (folder, message) in _numbering_gaps(images, masks, duplicated).items():
+        problem(
+            f"{source.describe(folder)}: {message}; a scan's slices must be numbered without "
+            "gaps (per-volume scores and 3D post-processing join neighbouring slices)"
+        )
+        gapped.add(case)
     slices = []
     for key, (member, match) in sorted(images.items()):
-        if key in duplicated:
+        if key in duplicated or key[0] in gapped:
             continue
         if key not in masks:
             problem(f"{source.describe(member)}: image without a mask")
@@ -316,6 +323,31 @@ def list_slices(source: Source, problems: list[str] | None = None) -> list[Slice
     if not slices:
         raise DataError(f"{source.location}: no slices (*.tif with *_mask.tif) found")
     return slices
+
+
+def _numbering_gaps(images: dict, masks: dict, duplicated: set) -> dict[str, tuple[str, str]]:
+    """case -> (its folder, "slice(s) ... missing between a and b") for each scan whose slice
+    numbers, over its images and masks (a slice left out for another problem included), skip
+    a number: a slice missing from the source itself."""
+    numbers: dict[str, set[int]] = {}
+    folders: dict[str, str] = {}
+    for (case, index), value in [*images.items(), *masks.items()]:
+        numbers.setdefault(case, set()).add(index)
+        member = value[0] if isinstance(value, tuple) else value
+        parent = PurePosixPath(member).parent
+        folders.setdefault(case, str(parent) if parent.parts else member)
+    for case, index in duplicated:
+        numbers.setdefault(case, set()).add(index)
+    gaps = {}
+    for case, present in numbers.items():
+        missing = sorted(set(range(min(present), max(present) + 1)) - present)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            gaps[case] = (
+                folders[case],
+                f"slice(s) {shown} of {case} missing between {min(present)} and {max(present)}",
+            )
+    return gaps
 
 
 def read_image(source: Source, member: str) -> np.ndarray:

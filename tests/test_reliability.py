@@ -104,6 +104,10 @@ PER_SLICE_CASES = {
         lambda r: (r / "TCGA_DD_0009_20000109").mkdir(),
         r"TCGA_DD_0009_20000109: patient folder with no slices",
     ),
+    "a slice missing from the numbering": (
+        lambda r: (image_path(r).unlink(), mask_path(r).unlink()),
+        rf"{CASE}: slice\(s\) 2 of {CASE} missing between 1 and 3; a scan's slices must be",
+    ),
 }
 
 
@@ -129,10 +133,15 @@ def test_skip_invalid_leaves_the_bad_slice_out_and_reports_it(
     skipped = builder.info.metadata["skipped"]
     assert any(__import__("re").search(pattern, s) for s in skipped), skipped
     total = sum(s.num_examples for s in builder.info.splits.values())
-    # 15 slices; the broken one (both files of a duplicate) is out, nothing else.
-    expected = {"duplicate slice numbers": 14, "patient folder with no slices": 15}.get(name, 14)
+    # 15 slices; the broken one (both files of a duplicate) is out, nothing else; a scan with
+    # a gap in its numbering is left out whole (its other 2 slices).
+    expected = {
+        "duplicate slice numbers": 14,
+        "patient folder with no slices": 15,
+        "a slice missing from the numbering": 12,
+    }.get(name, 14)
     assert total == expected
-    assert f"{len(skipped)} file(s) were left out" in caplog.text
+    assert f"{len(skipped)} problem(s); the slices they name were left out" in caplog.text
 
 
 def test_masks_in_0_1_are_accepted(synthetic_kaggle_3m, tmp_path):
