@@ -141,15 +141,23 @@ def _predict() -> int:
         member.tta = settings.tta
     spacing = volume_files.Spacing(settings.pixel_spacing_mm, settings.slice_thickness_mm)
     logging.info("Model: %s", model)
-    result = predict_files.predict_path(
-        model,
-        FLAGS.input,
-        FLAGS.output,
-        threshold=settings.threshold,
-        largest_connected_component=settings.largest_component,
-        min_component_voxels=settings.min_component_voxels,
-        spacing=spacing,
-    )
+    try:
+        result = predict_files.predict_path(
+            model,
+            FLAGS.input,
+            FLAGS.output,
+            threshold=settings.threshold,
+            largest_connected_component=settings.largest_component,
+            min_component_voxels=settings.min_component_voxels,
+            spacing=spacing,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {FLAGS.output} holds part of the predictions and no volumes.csv; "
+            "the same command predicts them all again",
+            file=sys.stderr,
+        )
+        return 130
     logging.info("%s", result.summary(FLAGS.output))
     for message in result.failures:
         print(f"error: {message}", file=sys.stderr)

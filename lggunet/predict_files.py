@@ -41,7 +41,7 @@ from lggunet import (
     walk,
     workdirs,
 )
-from lggunet.errors import DataError
+from lggunet.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -200,8 +200,10 @@ class _Outputs:
                 )
                 continue
             truth = self.truth(item, pred.shape)
+            target = mask_path
             try:
                 _write_atomic(mask_path, lambda p, m=pred: tifffile.imwrite(p, m * np.uint8(255)))
+                target = png
                 _write_atomic(
                     png,
                     lambda p, i=image, m=pred, t=truth: Image.fromarray(overlay(i, m, t)).save(
@@ -209,7 +211,8 @@ class _Outputs:
                     ),
                 )
             except OSError as e:
-                _fail(self.result, f"{mask_path}: cannot write ({e.strerror or e})")
+                _fail(self.result, f"{target}: cannot write ({e.strerror or e})")
+                self.remove([mask_path, png])  # a slice's outputs are both there or neither
                 continue
             self.result.written += [mask_path, png]
             self.result.masks_written += 1
@@ -229,11 +232,34 @@ class _Outputs:
         self.volume_names.add((folder, unique))
         return unique
 
+    def paths_3d(self, folder: PurePosixPath, stem: str) -> tuple[Path, Path]:
+        """(the volume's NIfTI mask, its montage)."""
+        out_dir = self.output / Path(*folder.parts)
+        return out_dir / f"{stem}_pred_mask.nii.gz", out_dir / f"{stem}_montage.png"
+
+    def remove(self, paths: list[Path]) -> None:
+        """Deletes those of `paths` that exist and are not inputs; one that cannot go is a
+        named failure (it would pass for this run's output)."""
+        for path in paths:
+            if os.path.realpath(path) in self.inputs or not os.path.lexists(path):
+                continue
+            try:
+                path.unlink()
+            except OSError as e:
+                _fail(self.result, f"{path}: an earlier output that cannot be removed ({e})")
+
+    def clear_earlier(self, folder: PurePosixPath, stem: str, items: list) -> None:
+        """Removes what an earlier prediction into OUT left for this volume (its slices'
+        masks and overlays, its NIfTI and montage): every output of it there is then this
+        run's, and one this run cannot write is absent, never an old one."""
+        self.remove([p for it in items for p in self.paths(it.rel)])
+        self.remove(list(self.paths_3d(folder, stem)))
+
     def write_3d(self, folder: PurePosixPath, stem: str, loaded, preds, truths) -> None:
         """The volume's NIfTI mask and montage; a failure names what could not be written."""
         patient = stem
-        out_dir = self.output / Path(*folder.parts)
-        nifti, montage = (out_dir / f"{stem}_pred_mask.nii.gz", out_dir / f"{stem}_montage.png")
+        nifti, montage = self.paths_3d(folder, stem)
+        out_dir = nifti.parent
         numbers = [scans.slice_number(item.rel)[0] for item, _ in loaded]
         try:
             volume_files.write_nifti(nifti, np.stack(preds), self.spacing)
@@ -270,6 +296,10 @@ def predict_path(
     spacing = spacing or volume_files.Spacing()
     output = Path(output).expanduser()
     workdirs.make_writable_dir(output, "--output")
+    try:  # written last: it never lists an earlier run's patients beside this run's files
+        (output / "volumes.csv").unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{output / 'volumes.csv'}: cannot replace it ({e.strerror or e})") from e
     images, masks, problems = scans.collect_inputs(input_path)
     result = PredictResult(images=len(images))
     for message in problems:
@@ -277,11 +307,13 @@ def predict_path(
     for where in scans.orphan_masks(images, masks):
         _fail(result, f"{where}: a ground-truth mask without its image (a slice missing?)")
     outputs = _Outputs(output, images, masks, result, spacing)
+    orphans = scans.orphan_keys(images, masks)
     done = 0
     groups = scans.volumes(images)
     for (folder, series), items in groups.items():
         name = scans.volume_name(groups, folder, series, Path(input_path).expanduser())
         patient = outputs.unique_name(folder, name)
+        outputs.clear_earlier(folder, patient, items)
         loaded = _load(items, result)
         done += len(items)
         if not loaded or not _one_size(patient, loaded, result):
@@ -298,10 +330,12 @@ def predict_path(
         if not counts["slices"]:  # nothing of this volume written: no row to mislead
             continue
         order = scans.order_problem(items)
-        complete = counts["slices"] == len(items) and not order
+        absent = scans.absent_numbers(items, orphans)
+        complete = counts["slices"] == len(items) and not order and not absent
         if complete:
             outputs.write_3d(folder, patient, loaded, preds, counts["truths"])
-        elif order:
+        elif order or absent:
+            order = order or f"slice(s) {_listed(absent)} have a ground-truth mask but no image"
             _fail(result, f"{patient}: {order}: no NIfTI volume, montage or Dice for it")
         else:
             _fail(
@@ -316,7 +350,7 @@ def predict_path(
                 "patient": patient,
                 "folder": folder.as_posix(),
                 "slices": counts["slices"],
-                "missing_slices": len(items) - counts["slices"],
+                "missing_slices": len(items) - counts["slices"] + len(absent),
                 "slices_with_tumour": counts["tumour_slices"],
                 **volume_files.tumour_size(counts["voxels"], spacing),
                 **volume_files.truth_scores(preds, counts["truths"], complete, spacing),
@@ -330,6 +364,10 @@ def predict_path(
     volume_files.write_csv(output / "volumes.csv", result.volumes)
     result.written.append(output / "volumes.csv")
     return result
+
+
+def _listed(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
 
 
 def read_mask_bytes(data: bytes, where: str) -> np.ndarray:

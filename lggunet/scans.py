@@ -130,6 +130,30 @@ def orphan_masks(images: list[InputFile], masks: dict) -> list[str]:
     return sorted(where for key, (_, where) in masks.items() if key not in used)
 
 
+def orphan_keys(images: list[InputFile], masks: dict) -> list[tuple[str, str]]:
+    """The keys of those masks: (folder, name less `_mask.tif`), both lower case."""
+    used = {it.mask_key for it in images}
+    return [key for key in masks if key not in used]
+
+
+def absent_numbers(items: list[InputFile], orphans: list[tuple[str, str]]) -> list[int]:
+    """The slice numbers a volume lacks: gaps in its images' numbering, and the numbers of
+    its ground-truth masks whose image is not there (`orphans`: such masks' keys) even
+    beyond its first or last image."""
+    folder = items[0].rel.parent.as_posix().lower()
+    series = series_name(PurePosixPath(items[0].rel.name.lower()))
+    numbers = {slice_number(it.rel)[0] for it in items}
+    for key_folder, stem in orphans:
+        rel = PurePosixPath(f"{stem}.tif")
+        if key_folder == folder and series_name(rel) == series:
+            numbers.add(slice_number(rel)[0])
+    numbers.discard(-1)
+    if not numbers:
+        return []
+    present = {slice_number(it.rel)[0] for it in items}
+    return sorted(set(range(min(numbers), max(numbers) + 1)) - present)
+
+
 def order_problem(items: list[InputFile]) -> str:
     """Why the volume's slice order is not known ("" when it is): a name without a number,
     a number used twice, or numbers with a gap (a slice missing)."""

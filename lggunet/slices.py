@@ -80,10 +80,18 @@ def read_mask(
 ) -> np.ndarray:
     """A (H, W) uint8 mask in {0, 1} from TIFF bytes. `strict` (training data): uint8 of
     exactly `shape` holding {0, 255} or {0, 1}, else a DataError naming `where`; otherwise
-    (ground truth beside images to predict) any non-zero pixel is tumour."""
+    (ground truth beside images to predict) any pixel type and size holding 0 and one other
+    value (tumour), in one channel or several alike; other values (a grey level, a label
+    map) are a DataError too, not a guess."""
     mask = decode_tiff(data, where)
+    if not strict and mask.ndim == 3 and np.any(mask != mask[..., :1]):
+        raise DataError(f"{where}: mask {mask.shape} has channels that differ; expected one")
     if mask.ndim == 3 and (mask.shape[-1] == 1 or not strict):
         mask = mask[..., 0]
+    if not strict and np.count_nonzero(values := np.unique(mask)) > 1:
+        raise DataError(
+            f"{where}: mask values {values[:8].tolist()} are not 0 and one tumour value"
+        )
     if strict and ((shape is not None and mask.shape != shape) or mask.dtype != np.uint8):
         raise DataError(f"{where}: mask is {mask.dtype} {mask.shape}, expected uint8 {shape}")
     if strict:

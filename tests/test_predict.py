@@ -500,6 +500,24 @@ def test_slice_order_gaps_and_unusable_ground_truth_are_named(trained, tmp_path)
     twice.mkdir()
     tifffile.imwrite(twice / "a_1.tif", image(), photometric="rgb")
     tifffile.imwrite(twice / "a_01.tif", image(), photometric="rgb")
+    lost_last = data / "P5"  # the last slice's image lost, its mask still there
+    lost_last.mkdir()
+    for i in (1, 2, 3):
+        if i < 3:
+            tifffile.imwrite(lost_last / f"P5_{i}.tif", image(), photometric="rgb")
+        tifffile.imwrite(lost_last / f"P5_{i}_mask.tif", np.zeros((64, 64), np.uint8))
+    grey = data / "P6"  # a grey level among the tumour pixels: not guessed at
+    grey.mkdir()
+    label16 = data / "P7"  # uint16 0 / 65535: one tumour value, scored
+    label16.mkdir()
+    for i in (1, 2):
+        for folder in (grey, label16):
+            tifffile.imwrite(folder / f"{folder.name}_{i}.tif", image(), photometric="rgb")
+        truth = np.zeros((64, 64), np.uint8)
+        truth[10:20, 10:20] = 255
+        truth[10, 10] = 7 if i == 2 else 255
+        tifffile.imwrite(grey / f"P6_{i}_mask.tif", truth)
+        tifffile.imwrite(label16 / f"P7_{i}_mask.tif", (truth > 0).astype(np.uint16) * 65535)
     odd_truth = data / "P4"
     odd_truth.mkdir()
     for i in (1, 2):
@@ -520,6 +538,74 @@ def test_slice_order_gaps_and_unusable_ground_truth_are_named(trained, tmp_path)
     assert not (out / "P2" / "P2_pred_mask.nii.gz").exists()
     assert (out / "P2" / "P2_4_pred_mask.tif").exists()
     rows = {r["patient"]: r for r in read_csv(out / "volumes.csv")}
-    assert rows["P2"]["dice"] == rows["P4"]["dice"] == ""
-    assert rows["P2"]["missing_slices"] == "0"
+    assert rows["P2"]["dice"] == rows["P4"]["dice"] == rows["P5"]["dice"] == ""
+    assert "P6_2_mask.tif: mask values [0, 7, 255] are not 0 and one tumour value" in err
+    assert rows["P6"]["dice"] == "" and rows["P7"]["true_voxels"] == "200"
+    assert rows["P2"]["missing_slices"] == rows["P5"]["missing_slices"] == "1"
+    assert "P5: slice(s) 3 have a ground-truth mask but no image: no NIfTI volume" in err
+    assert not (out / "P5" / "P5_pred_mask.nii.gz").exists()
     assert "P1: 12 slice(s) only" not in err and "P2: 3 slice(s) only" in err
+
+
+def test_an_earlier_prediction_in_output_never_passes_for_this_runs(trained, tmp_path):
+    """Predicting again into a folder that holds an earlier prediction: a slice or volume
+    this run cannot write is absent afterwards, not the earlier run's file; volumes.csv is
+    removed at the start and lists this run's patients only."""
+    from lggunet import predict_files
+
+    case = "TCGA_AA_0001_20000101"
+    data, other, out = tmp_path / "in" / case, tmp_path / "other" / "P9", tmp_path / "out"
+    data.mkdir(parents=True)
+    other.mkdir(parents=True)
+    for i in range(3):
+        _slice(data / f"{case}_{i + 1}.tif", i)
+        _slice(other / f"P9_{i + 1}.tif", 10 + i)
+    model = lggunet.load_model(trained)
+    assert not predict_files.predict_path(model, data.parent, out).failures
+    predict_files.predict_path(model, other.parent, out)  # another patient, same folder
+    assert [r["patient"] for r in read_csv(out / "volumes.csv")] == ["P9"]
+    (data / f"{case}_2.tif").write_bytes(b"not a tiff")
+    (out / "volumes.csv").write_text("an earlier run's\n")
+    second = predict_files.predict_path(model, data.parent, out)
+    assert any(f"{case}_2.tif: unreadable TIFF" in f for f in second.failures)
+    assert not (out / case / f"{case}_2_pred_mask.tif").exists()
+    assert not (out / case / f"{case}_2_overlay.png").exists()
+    assert not (out / case / f"{case}_pred_mask.nii.gz").exists()
+    assert not (out / case / f"{case}_montage.png").exists()
+    assert (out / case / f"{case}_3_pred_mask.tif").exists()
+    rows = read_csv(out / "volumes.csv")
+    assert [(r["patient"], r["missing_slices"], r["dice"]) for r in rows] == [(case, "1", "")]
+
+
+def test_ctrl_c_during_predict_is_one_line_and_leaves_no_volumes_csv(trained, tmp_path):
+    """SIGINT mid-way: exit 130, one line saying what OUT holds, no traceback, and no
+    volumes.csv (an earlier run's is gone too) that would pass for this run's."""
+    import signal
+    import time
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for p in range(60):
+        folder = data / f"P{p}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            _slice(folder / f"scan_{i + 1}.tif", 3 * p + i)
+    out.mkdir()
+    (out / "volumes.csv").write_text("an earlier run's\n")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "run.py"), "--config=configs/demo.py", f"--workdir={trained}"]
+        + ["--mode=predict", f"--input={data}", f"--output={out}"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(out.glob("P*/*_pred_mask.tif")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the prediction ended before the signal (a fast machine)")
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith(f"interrupted: {out} holds part of")
+    assert "Traceback" not in err and not (out / "volumes.csv").exists()
