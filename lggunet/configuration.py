@@ -347,15 +347,15 @@ def for_evaluation(
     """The config a later command (evaluate, a fold's scoring) runs with: the run's saved
     settings (its model, preprocessing and split: the test patients stay the ones held out),
     with the given command's data paths (`data.manual_dir`, `data.data_dir` when set),
-    `data.skip_invalid` when either asks for it, and its `evaluate.*` and
-    `eval_batch_size`. Without a saved config, the given one."""
+    `data.skip_invalid` when either asks for it, and its `evaluate.*`. The run's own
+    `eval_batch_size` stays: the notebook's batch metrics depend on how slices are grouped, and
+    the report repeats training's figures. Without a saved config, the given one."""
     out = upgrade(saved if saved is not None else given)
     for key in ("manual_dir", "data_dir"):
         if given.data[key]:
             out.data[key] = given.data[key]
     out.data.skip_invalid = bool(out.data.skip_invalid or given.data.skip_invalid)
     out.evaluate = ml_collections.ConfigDict(given.evaluate.to_dict())
-    out.eval_batch_size = given.eval_batch_size
     return out
 
 

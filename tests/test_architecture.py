@@ -218,13 +218,15 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     with pytest.raises(ConfigError, match="newer than this lggunet"):
         configuration.saved_config(tmp_path)
 
-    # A later command: the run's model and split, this command's paths and evaluate.*.
+    # A later command: the run's model, split and eval batch (the notebook's batch metrics
+    # depend on it), this command's paths and evaluate.*.
     given = cpu.get_config()
     given.data.manual_dir, given.data.image_size = "/new/data", 64
     given.evaluate.tta, given.eval_batch_size = False, 8
     resolved = configuration.for_evaluation(config, given)
     assert resolved.data.manual_dir == "/new/data" and resolved.data.image_size == 128
-    assert resolved.evaluate.tta is False and resolved.eval_batch_size == 8
+    assert resolved.evaluate.tta is False
+    assert resolved.eval_batch_size == config.eval_batch_size != 8
     assert configuration.for_evaluation(None, given).data.image_size == 64
 
 

@@ -282,9 +282,16 @@ def test_zip_input_and_zip_slip_members(trained, tmp_path):
 def test_evaluate_mode_writes_the_report(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
-    result = run([f"--workdir={workdir}", "--mode=evaluate"])
+    # Another eval batch on the command line: the run's own is kept, so the notebook's batch
+    # metrics (smooth 100 over each batch) repeat training's final figures.
+    result = run([f"--workdir={workdir}", "--mode=evaluate", "--config.eval_batch_size=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((workdir / "report.json").read_text())
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    for split in ("validation", "test"):
+        for key in ("dice", "iou", "accuracy"):
+            got = report["splits"][split]["notebook"]["plain"][key]
+            assert got == pytest.approx(final[split][key], rel=1e-5), (split, key)
     assert set(report["splits"]) == {"train", "validation", "test"}
     test = report["splits"]["test"]
     assert set(test["variants"]) == {"plain", "tta", "lcc", "tta+lcc"}
