@@ -223,6 +223,8 @@ def open_source(manual_dir: str | os.PathLike) -> Source:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; {HOW_TO_GET_DATA}")
     if path.is_file():
+        if not zipfile.is_zipfile(path) and path.suffix.lower() == ".zip":
+            raise DataError(f"{path}: a .zip that cannot be opened (damaged or cut short?)")
         if not zipfile.is_zipfile(path):
             raise DataError(f"{path}: not a folder and not a zip file; {HOW_TO_GET_DATA}")
         prefix = _zip_prefix(path)

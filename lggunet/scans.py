@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from absl import logging
 
 from lggunet import slices, walk
 from lggunet.errors import DataError
@@ -23,6 +24,9 @@ _TIF = re.compile(r"\.tiff?$", re.IGNORECASE)
 _MASK = re.compile(r"_mask\.tiff?$", re.IGNORECASE)
 _SLICE_NUMBER = re.compile(r"(\d+)\D*\.tiff?$", re.IGNORECASE)  # the name's last number
 _OUR_MASK = re.compile(r"_pred_mask\.tif$")
+# Slices in another image format (left aside, and said so), and the pictures predict writes.
+_OTHER_IMAGE = re.compile(r"\.(png|jpe?g|bmp|gif|dcm|nii|nii\.gz)$", re.IGNORECASE)
+_OUR_PICTURE = re.compile(r"(_overlay\.png|_montage\.png|_pred_mask\.nii\.gz)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,17 @@ def _wanted(name: str) -> bool:
     )
 
 
+def _other_image(name: str) -> bool:
+    """An image in another format than TIFF that predict did not write (not macOS litter)."""
+    parts = PurePosixPath(name).parts
+    return (
+        bool(_OTHER_IMAGE.search(name))
+        and not _OUR_PICTURE.search(name)
+        and "__MACOSX" not in parts
+        and not PurePosixPath(name).name.startswith("._")
+    )
+
+
 def _image_key(rel: PurePosixPath) -> tuple[str, str]:
     return (rel.parent.as_posix().lower(), _TIF.sub("", rel.name).lower())
 
@@ -65,9 +80,12 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
         raise DataError(f"{path}: no such file or folder")
     problems: list[str] = []
     files: dict[PurePosixPath, tuple[object, str]] = {}
+    others: list[str] = []  # images in other formats, left aside
     if path.is_file() and zipfile.is_zipfile(path):
         archive = zipfile.ZipFile(path)
         for info in archive.infolist():
+            if not info.is_dir() and _other_image(info.filename):
+                others.append(walk.shown(f"{path}!{info.filename}"))
             if info.is_dir() or not _wanted(info.filename):
                 continue
             rel = slices.safe_member(info.filename)
@@ -83,6 +101,10 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
             else:
                 files[rel] = (lambda info=info: archive.read(info), where)
     elif not path.is_dir():  # one image (read carefully: it may be a FIFO or huge)
+        if path.suffix.lower() == ".zip":
+            raise DataError(
+                f"{walk.shown(path)}: a .zip that cannot be opened (damaged or cut short?)"
+            )
         if not _TIF.search(path.name):
             raise DataError(f"{walk.shown(path)}: not a .tif image, a folder or a zip")
         for sibling in [path, *path.parent.iterdir()]:  # its ground truth, for the overlay
@@ -93,6 +115,15 @@ def collect_inputs(path: str | os.PathLike) -> tuple[list[InputFile], dict, list
         found, problems = walk.list_files(path, lambda rel: _wanted(rel.as_posix()))
         for f in found:
             files[f.rel] = (functools.partial(walk.read_file, f.path), walk.shown(f.path))
+        for folder, _, names in os.walk(path):  # never opened: only named
+            rel = Path(folder).relative_to(path)
+            others += [walk.shown(Path(folder) / n) for n in names if _other_image(f"{rel}/{n}")]
+    if others:
+        logging.warning(
+            "%d image file(s) not in TIFF format left aside (predict reads .tif slices): %s",
+            len(others),
+            ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else ""),
+        )
     masks = {_mask_key(rel): entry for rel, entry in files.items() if _MASK.search(rel.name)}
     images = []
     for rel, (reader, where) in sorted(files.items()):

@@ -258,6 +258,13 @@ def test_empty_folder_and_missing_path_fail_clearly(trained, tmp_path):
     result = predict_cli(trained, tmp_path / "missing", tmp_path / "out")
     assert result.returncode == 2
     assert f"{tmp_path / 'missing'}: no such file or folder" in result.stderr
+    cut = tmp_path / "cut.zip"  # a download cut short: not "not a zip"
+    with zipfile.ZipFile(cut, "w") as archive:
+        archive.writestr("P1/x_1.tif", os.urandom(4000))
+    cut.write_bytes(cut.read_bytes()[:-30])
+    result = predict_cli(trained, cut, tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{cut}: a .zip that cannot be opened (damaged or cut short?)" in result.stderr
 
 
 def test_zip_input_and_zip_slip_members(trained, tmp_path):
@@ -317,8 +324,16 @@ def test_flat_folder_of_two_patients_and_macos_litter(trained, tmp_path):
             tifffile.imwrite(flat / f"{case}_{i}.tif", image, photometric="rgb")
     (flat / "._TCGA_XX_0005_20000101_1.tif").write_bytes(b"\x00\x05\x16\x07 apple double")
     (flat / "__MACOSX" / "TCGA_XX_0005_20000101_1.tif").write_bytes(b"junk")
+    (flat / "__MACOSX" / "TCGA_XX_0005_20000101_3.png").write_bytes(b"junk")
+    Image.new("RGB", (256, 256)).save(flat / "TCGA_XX_0005_20000101_3.png")  # not a TIFF
     result = predict_cli(trained, flat, tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 image file(s) not in TIFF format left aside (predict reads .tif slices): " in (
+        result.stderr
+    )
+    assert "_3.png" in result.stderr and "__MACOSX/TCGA_XX_0005_20000101_3.png" not in (
+        result.stderr
+    )
     rows = read_csv(tmp_path / "out" / "volumes.csv")
     assert [(r["patient"], r["slices"]) for r in rows] == [
         ("TCGA_XX_0005_20000101", "2"),

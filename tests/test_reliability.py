@@ -168,8 +168,16 @@ def test_zip_without_kaggle_3m_and_a_file_that_is_not_a_zip(tmp_path):
         kaggle3m.open_source(archive)
     fake = tmp_path / "fake.zip"
     fake.write_bytes(b"not a zip at all")
-    with pytest.raises(DataError, match="fake.zip"):
+    with pytest.raises(DataError, match=r"fake\.zip: a \.zip that cannot be opened"):
         kaggle3m.open_source(fake)
+    cut = tmp_path / "cut.zip"  # a download cut short
+    cut.write_bytes(archive.read_bytes()[:-30])
+    with pytest.raises(DataError, match=r"cut\.zip: a \.zip that cannot be opened \(damaged"):
+        kaggle3m.open_source(cut)
+    plain = tmp_path / "notes.txt"
+    plain.write_text("kaggle_3m")
+    with pytest.raises(DataError, match=r"notes\.txt: not a folder and not a zip file"):
+        kaggle3m.open_source(plain)
 
 
 @pytest.mark.parametrize(
