@@ -286,6 +286,8 @@ def evaluate_run(
     sources = by_recorded_split(builder, builder.as_data_source(), record, workdir)
     report = _header(workdir, model.record, builder, run_config, record, config)
     rows_by_split, pictures = {}, []
+    for old in workdir.glob("report_slices_*.png"):  # an earlier report's: this one draws its own
+        old.unlink(missing_ok=True)
     for name in [*splits, workdirs.UNSEEN]:
         if name not in sources:
             continue

@@ -291,7 +291,10 @@ def test_evaluate_mode_writes_the_report(trained, tmp_path):
     shutil.copytree(trained, workdir)
     # Another eval batch on the command line: the run's own is kept, so the notebook's batch
     # metrics (smooth 100 over each batch) repeat training's final figures.
+    stale = workdir / "report_slices_unseen.png"  # an earlier report's picture of a split
+    stale.write_bytes(b"not this report's")  # that this one does not score
     result = run([f"--workdir={workdir}", "--mode=evaluate", "--config.eval_batch_size=4"])
+    assert not stale.exists()
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((workdir / "report.json").read_text())
     final = json.loads((workdir / "final_metrics.json").read_text())
