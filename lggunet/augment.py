@@ -29,6 +29,7 @@ import ml_collections
 
 from lggunet import context as context_lib
 from lggunet import intensity as intensity_lib
+from lggunet.errors import InputError
 from lggunet.intensity import IntensityParams
 
 
@@ -167,7 +168,17 @@ def augment_batch(
     params: AugmentParams,
     soft: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """vmapped `augment_example`: one independent transform per example, keyed by `key`."""
+    """vmapped `augment_example`: one independent transform per example, keyed by `key`.
+    images (B, H, W, C); masks (B, H, W, 1), or (B, H, W) as `lggunet.read_patient` gives
+    them (returned in the shape given)."""
+    squeeze = masks.ndim == 3
+    masks = masks[..., None] if squeeze else masks
+    if images.ndim != 4 or masks.shape != (*images.shape[:3], 1):
+        raise InputError(
+            f"images {images.shape} and masks {masks.shape[:3] if squeeze else masks.shape}: "
+            "expected (B, H, W, C) images and (B, H, W) or (B, H, W, 1) masks"
+        )
     keys = jax.random.split(key, images.shape[0])
     one = functools.partial(augment_example, params=params, soft=soft)
-    return jax.vmap(one)(keys, images, masks)
+    images, masks = jax.vmap(one)(keys, images, masks)
+    return images, masks[..., 0] if squeeze else masks

@@ -27,17 +27,22 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return fractions
 
 
-def _counts(n: int, fractions: Sequence[float]) -> list[int]:
+def _counts(n: int, fractions: Sequence[float], what: str = "items") -> list[int]:
     """Split n items by fractions; every split with a positive fraction gets at least one."""
     fractions = check_fractions(fractions)
     wanted = sum(1 for f in fractions if f > 0)
     if n < wanted:
-        raise ConfigError(f"{n} items cannot fill {wanted} non-empty splits")
+        raise ConfigError(
+            f"{n} {what} cannot fill {wanted} non-empty splits (data.split_fractions="
+            f"{tuple(fractions)}): add {what} or give a split the fraction 0"
+        )
     val = max(1, round(fractions[1] * n)) if fractions[1] > 0 else 0
     test = max(1, round(fractions[2] * n)) if fractions[2] > 0 else 0
     train = n - val - test
     if fractions[0] > 0 and train < 1:
-        raise ConfigError(f"{n} items leave no training items with fractions {fractions}")
+        raise ConfigError(
+            f"{n} {what} leave none to train on with data.split_fractions={tuple(fractions)}"
+        )
     return [train, val, test]
 
 
@@ -47,7 +52,7 @@ def split_by_patient(
     """Patient id -> split name. Deterministic in (set of patients, fractions, seed)."""
     patients = sorted(set(patient_ids))
     order = np.random.default_rng(seed).permutation(len(patients))
-    n_train, n_val, _ = _counts(len(patients), fractions)
+    n_train, n_val, _ = _counts(len(patients), fractions, "patients")
     names = ["train"] * n_train + ["validation"] * n_val
     names += ["test"] * (len(patients) - len(names))
     return {patients[i]: name for i, name in zip(order, names, strict=True)}
@@ -60,7 +65,7 @@ def split_by_slice(num_slices: int, fractions: Sequence[float], seed: int) -> li
     measured with it overstate how the model does on new patients.
     """
     order = np.random.default_rng(seed).permutation(num_slices)
-    n_train, n_val, _ = _counts(num_slices, fractions)
+    n_train, n_val, _ = _counts(num_slices, fractions, "slices")
     names = np.empty(num_slices, dtype=object)
     names[order[:n_train]] = "train"
     names[order[n_train : n_train + n_val]] = "validation"

@@ -152,3 +152,23 @@ def test_drawn_angles_and_zooms_stay_in_range():
         recovered = np.rad2deg(np.arctan2(m[1, 0], m[0, 0]))
         assert abs(recovered) <= 15 + 1e-4
         assert recovered == pytest.approx(float(tt["theta"]), abs=1e-4)
+
+
+def test_masks_without_a_channel_come_back_as_given_and_bad_shapes_are_named():
+    """(B, H, W) masks, as `lggunet.read_patient` gives them, get the same transform as
+    (B, H, W, 1) ones and keep their shape; a mask that does not match is one clear error."""
+    from lggunet.errors import InputError
+
+    rng = np.random.default_rng(2)
+    images = jnp.asarray(rng.random((3, 16, 16, 3)).astype(np.float32))
+    masks = (rng.random((3, 16, 16)) > 0.7).astype(np.uint8)
+    params = augment.PRESETS["buda2019"]
+    img3, m3 = augment.augment_batch(jax.random.key(1), images, jnp.asarray(masks), params)
+    img4, m4 = augment.augment_batch(
+        jax.random.key(1), images, jnp.asarray(masks)[..., None], params
+    )
+    assert m3.shape == (3, 16, 16) and m4.shape == (3, 16, 16, 1)
+    np.testing.assert_array_equal(m3, m4[..., 0])
+    np.testing.assert_array_equal(img3, img4)
+    with pytest.raises(InputError, match=r"masks \(3, 8, 8\): expected \(B, H, W, C\) images"):
+        augment.augment_batch(jax.random.key(1), images, jnp.zeros((3, 8, 8)), params)

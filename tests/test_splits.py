@@ -114,3 +114,10 @@ def test_no_validation_split_refuses_what_chooses_by_validation_loss():
     config.data.split_fractions = (0.0, 0.0, 1.0)
     with pytest.raises(ConfigError, match="needs a train split"):
         splits.check_config(config)
+
+
+def test_too_few_patients_for_the_splits_says_patients_and_the_fractions():
+    with pytest.raises(ConfigError, match=r"^2 patients cannot fill 3 non-empty splits \(data"):
+        splits.split_by_patient(["TCGA_AA_1", "TCGA_AA_2"], (0.8, 0.1, 0.1), 0)
+    with pytest.raises(ConfigError, match=r"^3 slices leave none to train on with data\.split"):
+        splits.split_by_slice(3, (0.01, 0.5, 0.49), 0)

@@ -4,7 +4,7 @@ Adam 1e-4, Dice loss, ReduceLROnPlateau(val_loss, factor 0.5, patience 5).
 Unlike the notebook, splits are by patient (80/10/10); set data.split_mode='slice' to
 reproduce its leaky slice-level split.
 
-    python run.py --config=configs/unet.py --data.manual_dir=PATH --workdir=runs/unet
+    python run.py --config=configs/unet.py --config.data.manual_dir=PATH --workdir=runs/unet
 """
 
 import ml_collections
