@@ -218,6 +218,8 @@ def _restore(run: _Run) -> None:
         else:
             run.start_epoch = meta["epoch"] + 1
             _log("Resumed after epoch %d (step %d)", meta["epoch"], run.host_step)
+            if (done := meta["epoch"]) > (wanted := run.config.num_epochs):
+                logging.warning("%d epochs trained, num_epochs=%d: none to train", done, wanted)
             if run.early.should_stop(meta["epoch"]):
                 run.stopped_early, run.start_epoch = meta["epoch"], run.config.num_epochs + 1
                 _log("That run had stopped early; evaluating its best checkpoint")

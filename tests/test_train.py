@@ -211,7 +211,7 @@ def test_cosine_needs_the_epoch_length_to_train():
     assert steps.StepOptions.from_config(config).cosine is None  # evaluation needs none
 
 
-def test_an_instance_norm_run_trains_resumes_and_scores_alike(tiny_config, tmp_path):
+def test_an_instance_norm_run_trains_resumes_and_scores_alike(tiny_config, tmp_path, caplog):
     """model.norm="instance": no running statistics are kept or restored; the loaded model's
     probabilities are the network applied to the checkpoint's weights by hand, and
     --mode=evaluate reproduces the run's final test scores."""
@@ -237,6 +237,9 @@ def test_an_instance_norm_run_trains_resumes_and_scores_alike(tiny_config, tmp_p
     config.num_epochs = 2  # resume from the first epoch's checkpoint
     again = train.train_and_evaluate(config, str(workdir))
     assert again["test"]["loss"] != final["test"]["loss"]
+    config.num_epochs = 1  # fewer than trained: nothing to train, and it says so
+    assert train.train_and_evaluate(config, str(workdir))["test"] == again["test"]
+    assert "2 epochs trained, num_epochs=1: none to train" in caplog.text
 
 
 def test_a_deep_supervision_run_trains_resumes_and_predicts_with_the_full_size_output(
