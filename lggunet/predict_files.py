@@ -310,6 +310,7 @@ def predict_path(
     orphans = scans.orphan_keys(images, masks)
     done = 0
     groups = scans.volumes(images)
+    _warn_repeated_patients(groups)
     for (folder, series), items in groups.items():
         name = scans.volume_name(groups, folder, series, Path(input_path).expanduser())
         patient = outputs.unique_name(folder, name)
@@ -364,6 +365,22 @@ def predict_path(
     volume_files.write_csv(output / "volumes.csv", result.volumes)
     result.written.append(output / "volumes.csv")
     return result
+
+
+def _warn_repeated_patients(groups: dict) -> None:
+    """A Kaggle case in several folders (the Kaggle zip holds `kaggle_3m/` twice): each copy
+    is predicted and has its row; said once, so the rows are not counted as patients."""
+    folders = collections.defaultdict(list)
+    for folder, series in groups:
+        if slices.SLICE_NAME.match(f"{series}_1.tif"):
+            folders[series].append(folder.as_posix() or ".")
+    repeated = {case: where for case, where in folders.items() if len(where) > 1}
+    if repeated:
+        case, where = next(iter(repeated.items()))
+        logging.warning(
+            "%d patient(s) found in more than one folder, each copy predicted (e.g. %s in %s)",
+            *(len(repeated), case, ", ".join(where)),
+        )
 
 
 def _listed(numbers: list[int]) -> str:

@@ -634,3 +634,23 @@ def test_ctrl_c_during_predict_is_one_line_and_leaves_no_volumes_csv(trained, tm
     assert proc.returncode == 130, err[-3000:]
     assert err.rstrip().splitlines()[-1].startswith(f"interrupted: {out} holds part of")
     assert "Traceback" not in err and not (out / "volumes.csv").exists()
+
+
+def test_a_patient_in_two_folders_is_said_once(trained, tmp_path, caplog):
+    """The Kaggle zip holds kaggle_3m/ twice: each copy is predicted, and a warning says the
+    rows are copies, not more patients."""
+    from lggunet import predict_files
+
+    case = "TCGA_AA_0001_20000101"
+    for top in ("kaggle_3m", "lgg-mri-segmentation/kaggle_3m"):
+        folder = tmp_path / "in" / top / case
+        folder.mkdir(parents=True)
+        for i in range(2):
+            _slice(folder / f"{case}_{i + 1}.tif", i)
+    model = lggunet.load_model(trained)
+    result = predict_files.predict_path(model, tmp_path / "in", tmp_path / "out")
+    assert [r["patient"] for r in result.volumes] == [case, case]
+    assert (
+        f"1 patient(s) found in more than one folder, each copy predicted (e.g. {case} in "
+        f"kaggle_3m/{case}, lgg-mri-segmentation/kaggle_3m/{case})" in caplog.text
+    )
