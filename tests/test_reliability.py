@@ -144,6 +144,21 @@ def test_skip_invalid_leaves_the_bad_slice_out_and_reports_it(
     assert f"{len(skipped)} problem(s); the slices they name were left out" in caplog.text
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zlib", "packbits", "zstd"])
+def test_compressed_tiffs_read_as_the_same_pixels(compression, synthetic_kaggle_3m):
+    """Slices saved with a codec (LZW from ImageJ or PIL, and others; read through
+    imagecodecs) give the very pixels of the uncompressed file."""
+    source = kaggle3m.open_source(synthetic_kaggle_3m)
+    image = kaggle3m.read_image(source, f"{CASE}/{CASE}_2.tif")
+    mask = kaggle3m.read_mask(source, f"{CASE}/{CASE}_2_mask.tif")
+    tifffile.imwrite(
+        image_path(synthetic_kaggle_3m), image, photometric="rgb", compression=compression
+    )
+    tifffile.imwrite(mask_path(synthetic_kaggle_3m), mask * np.uint8(255), compression=compression)
+    np.testing.assert_array_equal(kaggle3m.read_image(source, f"{CASE}/{CASE}_2.tif"), image)
+    np.testing.assert_array_equal(kaggle3m.read_mask(source, f"{CASE}/{CASE}_2_mask.tif"), mask)
+
+
 def test_masks_in_0_1_are_accepted(synthetic_kaggle_3m, tmp_path):
     mask = np.zeros((256, 256), np.uint8)
     mask[10:20, 10:20] = 1
