@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from absl import logging
 
 from lggunet import files, splits
 from lggunet.augment import PRESETS
@@ -348,14 +349,22 @@ def for_evaluation(
     settings (its model, preprocessing and split: the test patients stay the ones held out),
     with the given command's data paths (`data.manual_dir`, `data.data_dir` when set),
     `data.skip_invalid` when either asks for it, and its `evaluate.*`. The run's own
-    `eval_batch_size` stays: the notebook's batch metrics depend on how slices are grouped, and
-    the report repeats training's figures. Without a saved config, the given one."""
+    `eval_batch_size` stays where this machine's devices divide it: the notebook's batch
+    metrics depend on how slices are grouped, and the report repeats training's figures.
+    Without a saved config, the given one."""
     out = upgrade(saved if saved is not None else given)
     for key in ("manual_dir", "data_dir"):
         if given.data[key]:
             out.data[key] = given.data[key]
     out.data.skip_invalid = bool(out.data.skip_invalid or given.data.skip_invalid)
     out.evaluate = ml_collections.ConfigDict(given.evaluate.to_dict())
+    if out.eval_batch_size % jax.device_count():  # another machine: the given one (checked)
+        logging.warning(
+            "eval_batch_size %d of the run does not split over %d devices: %d used, so the "
+            "notebook's batch metrics may differ slightly from training's",
+            *(out.eval_batch_size, jax.device_count(), given.eval_batch_size),
+        )
+        out.eval_batch_size = given.eval_batch_size
     return out
 
 

@@ -298,16 +298,11 @@ def list_slices(source: Source, problems: list[str] | None = None) -> list[Slice
     for key, member in masks.items():
         if key not in images and key not in duplicated:
             problem(f"{source.describe(member)}: mask without an image")
-    gapped = set()
-    for case, (folder, message) in _numbering_gaps(images, masks, duplicated).items():
-        problem(
-            f"{source.describe(folder)}: {message}; a scan's slices must be numbered without "
-            "gaps (per-volume scores and 3D post-processing join neighbouring slices)"
-        )
-        gapped.add(case)
+    for folder, message in _numbering_gaps(images, masks, duplicated).values():
+        problem(f"{source.describe(folder)}: {message}; " + GAP_RULE[problems is None])
     slices = []
     for key, (member, match) in sorted(images.items()):
-        if key in duplicated or key[0] in gapped:
+        if key in duplicated:
             continue
         if key not in masks:
             problem(f"{source.describe(member)}: image without a mask")
@@ -325,6 +320,13 @@ def list_slices(source: Source, problems: list[str] | None = None) -> list[Slice
     if not slices:
         raise DataError(f"{source.location}: no slices (*.tif with *_mask.tif) found")
     return slices
+
+
+GAP_RULE = {  # strict preparation: an error; data.skip_invalid: a hole, as a skipped slice leaves
+    True: "a scan's slices must be numbered without gaps (per-volume scores and 3D "
+    "post-processing join neighbouring slices)",
+    False: "its other slices are kept, as one volume with a hole",
+}
 
 
 def _numbering_gaps(images: dict, masks: dict, duplicated: set) -> dict[str, tuple[str, str]]:

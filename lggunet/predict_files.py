@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -75,6 +76,7 @@ def read_slice(data: bytes, where: str) -> np.ndarray:
 
 
 overlay = volume_files.overlay  # FLAIR in grey, predicted outline red, true green
+_SLICE_OUTPUT = re.compile(r"^(.+)_(pred_mask\.tif|overlay\.png)$")  # a slice's outputs
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -155,6 +157,7 @@ class _Outputs:
 
     def __post_init__(self):
         self.volume_names: set[tuple[PurePosixPath, str]] = set()
+        self.this_run: set[Path] = set()  # slice outputs written: never cleared as earlier
         self.inputs = {os.path.realpath(it.where) for it in self.images} | {
             os.path.realpath(where) for _, where in self.masks.values()
         }
@@ -215,6 +218,7 @@ class _Outputs:
                 self.remove([mask_path, png])  # a slice's outputs are both there or neither
                 continue
             self.result.written += [mask_path, png]
+            self.this_run.update((mask_path, png))
             self.result.masks_written += 1
             counts["truths"].append(truth)
             counts["slices"] += 1
@@ -248,12 +252,20 @@ class _Outputs:
             except OSError as e:
                 _fail(self.result, f"{path}: an earlier output that cannot be removed ({e})")
 
-    def clear_earlier(self, folder: PurePosixPath, stem: str, items: list) -> None:
-        """Removes what an earlier prediction into OUT left for this volume (its slices'
-        masks and overlays, its NIfTI and montage): every output of it there is then this
-        run's, and one this run cannot write is absent, never an old one."""
-        self.remove([p for it in items for p in self.paths(it.rel)])
-        self.remove(list(self.paths_3d(folder, stem)))
+    def clear_earlier(self, folder: PurePosixPath, series: str, stem: str) -> None:
+        """Removes what an earlier prediction into OUT left for this volume: the slice masks
+        and overlays of its series (a slice since lost included), its NIfTI and montage.
+        Every output of it there is then this run's; one this run cannot write is absent,
+        never an old one."""
+        out_dir = self.output / Path(*folder.parts)
+        ours = [
+            path
+            for path in (out_dir.iterdir() if out_dir.is_dir() else [])
+            if (m := _SLICE_OUTPUT.match(path.name))
+            and scans.series_name(PurePosixPath(f"{m[1]}.tif")) == series
+            and path not in self.this_run
+        ]
+        self.remove(sorted(ours) + list(self.paths_3d(folder, stem)))
 
     def write_3d(self, folder: PurePosixPath, stem: str, loaded, preds, truths) -> None:
         """The volume's NIfTI mask and montage; a failure names what could not be written."""
@@ -296,11 +308,11 @@ def predict_path(
     spacing = spacing or volume_files.Spacing()
     output = Path(output).expanduser()
     workdirs.make_writable_dir(output, "--output")
+    images, masks, problems = scans.collect_inputs(input_path)
     try:  # written last: it never lists an earlier run's patients beside this run's files
         (output / "volumes.csv").unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"{output / 'volumes.csv'}: cannot replace it ({e.strerror or e})") from e
-    images, masks, problems = scans.collect_inputs(input_path)
     result = PredictResult(images=len(images))
     for message in problems:
         _fail(result, message)
@@ -310,11 +322,11 @@ def predict_path(
     orphans = scans.orphan_keys(images, masks)
     done = 0
     groups = scans.volumes(images)
-    _warn_repeated_patients(groups)
+    scans.warn_repeated_cases(groups)
     for (folder, series), items in groups.items():
         name = scans.volume_name(groups, folder, series, Path(input_path).expanduser())
         patient = outputs.unique_name(folder, name)
-        outputs.clear_earlier(folder, patient, items)
+        outputs.clear_earlier(folder, series, patient)
         loaded = _load(items, result)
         done += len(items)
         if not loaded or not _one_size(patient, loaded, result):
@@ -330,20 +342,13 @@ def predict_path(
         counts = outputs.write_volume(loaded, preds)
         if not counts["slices"]:  # nothing of this volume written: no row to mislead
             continue
-        order = scans.order_problem(items)
         absent = scans.absent_numbers(items, orphans)
-        complete = counts["slices"] == len(items) and not order and not absent
+        why = _incomplete(items, counts["slices"], absent)
+        complete = not why
         if complete:
             outputs.write_3d(folder, patient, loaded, preds, counts["truths"])
-        elif order or absent:
-            order = order or f"slice(s) {_listed(absent)} have a ground-truth mask but no image"
-            _fail(result, f"{patient}: {order}: no NIfTI volume, montage or Dice for it")
         else:
-            _fail(
-                result,
-                f"{patient}: {len(items) - counts['slices']} of its {len(items)} slices could "
-                "not be predicted (above): no NIfTI volume, montage or Dice for it",
-            )
+            _fail(result, f"{patient}: {why}: no NIfTI volume, montage or Dice for it")
         volume_files.warn_partial(patient, len(items), counts["truths"])
         copied = kaggle3m.copied_channels(arrays)
         result.volumes.append(
@@ -367,24 +372,16 @@ def predict_path(
     return result
 
 
-def _warn_repeated_patients(groups: dict) -> None:
-    """A Kaggle case in several folders (the Kaggle zip holds `kaggle_3m/` twice): each copy
-    is predicted and has its row; said once, so the rows are not counted as patients."""
-    folders = collections.defaultdict(list)
-    for folder, series in groups:
-        if slices.SLICE_NAME.match(f"{series}_1.tif"):
-            folders[series].append(folder.as_posix() or ".")
-    repeated = {case: where for case, where in folders.items() if len(where) > 1}
-    if repeated:
-        case, where = next(iter(repeated.items()))
-        logging.warning(
-            "%d patient(s) found in more than one folder, each copy predicted (e.g. %s in %s)",
-            *(len(repeated), case, ", ".join(where)),
-        )
-
-
-def _listed(numbers: list[int]) -> str:
-    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+def _incomplete(items: list, written: int, absent: list[int]) -> str:
+    """Why a volume gets no NIfTI, montage or Dice ("" when it is whole): its slice order not
+    known, numbers missing from it, or slices not predicted."""
+    if order := scans.order_problem(items):
+        return order
+    if absent:
+        return f"slice(s) {scans.listed(absent)} missing (a mask lost its image)"
+    if written < len(items):
+        return f"{len(items) - written} of its {len(items)} slices could not be predicted (above)"
+    return ""
 
 
 def read_mask_bytes(data: bytes, where: str) -> np.ndarray:

@@ -286,8 +286,6 @@ def evaluate_run(
     sources = by_recorded_split(builder, builder.as_data_source(), record, workdir)
     report = _header(workdir, model.record, builder, run_config, record, config)
     rows_by_split, pictures = {}, []
-    for old in workdir.glob("report_slices_*.png"):  # an earlier report's: this one draws its own
-        old.unlink(missing_ok=True)
     for name in [*splits, workdirs.UNSEEN]:
         if name not in sources:
             continue
@@ -311,6 +309,8 @@ def evaluate_run(
             report["splits"][name]["notebook"]["plain"]["dice"],
         )
     pictures.append(report_files.box_plot(rows_by_split, workdir / "report_volume_dice.png"))
+    for old in set(workdir.glob("report_slices_*.png")) - set(pictures):  # an earlier report's
+        old.unlink(missing_ok=True)
     report = report_files.json_safe(report)
     report_files.write(workdir, report, rows_by_split)
     logging.info(

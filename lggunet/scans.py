@@ -7,6 +7,7 @@ slice-number order.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -185,6 +186,11 @@ def absent_numbers(items: list[InputFile], orphans: list[tuple[str, str]]) -> li
     return sorted(set(range(min(numbers), max(numbers) + 1)) - present)
 
 
+def listed(numbers: list[int]) -> str:
+    """Slice numbers for a message: the first five, then "..."."""
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+
+
 def order_problem(items: list[InputFile]) -> str:
     """Why the volume's slice order is not known ("" when it is): a name without a number,
     a number used twice, or numbers with a gap (a slice missing)."""
@@ -200,8 +206,7 @@ def order_problem(items: list[InputFile]) -> str:
         seen[n] = it.rel.name
     missing = sorted(set(range(min(numbers), max(numbers) + 1)) - set(numbers))
     if missing:
-        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        return f"slice(s) {shown} missing between {min(numbers)} and {max(numbers)}"
+        return f"slice(s) {listed(missing)} missing between {min(numbers)} and {max(numbers)}"
     return ""
 
 
@@ -315,3 +320,19 @@ def read_patient(path: str | os.PathLike) -> Patient:
         slice_numbers=[slice_number(it.rel)[0] for it in items],
         files=[it.where for it in items],
     )
+
+
+def warn_repeated_cases(groups: dict) -> None:
+    """A Kaggle case in several folders (the Kaggle zip holds `kaggle_3m/` twice): each copy
+    is predicted and has its row (and counts in the summary); said once, as copies."""
+    folders = collections.defaultdict(list)
+    for folder, series in groups:
+        if slices.SLICE_NAME.match(f"{series}_1.tif"):
+            folders[series].append(folder.as_posix() or ".")
+    repeated = {case: where for case, where in folders.items() if len(where) > 1}
+    if repeated:
+        case, where = next(iter(repeated.items()))
+        logging.warning(
+            "%d patient(s) found in more than one folder, each copy predicted (e.g. %s in %s)",
+            *(len(repeated), case, ", ".join(where)),
+        )

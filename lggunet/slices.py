@@ -81,9 +81,11 @@ def read_mask(
     """A (H, W) uint8 mask in {0, 1} from TIFF bytes. `strict` (training data): uint8 of
     exactly `shape` holding {0, 255} or {0, 1}, else a DataError naming `where`; otherwise
     (ground truth beside images to predict) any pixel type and size holding 0 and one other
-    value (tumour), in one channel or several alike; other values (a grey level, a label
-    map) are a DataError too, not a guess."""
+    value (tumour), in one channel or several alike (an alpha channel aside); other values
+    (a grey level, a label map) are a DataError too, not a guess."""
     mask = decode_tiff(data, where)
+    if not strict and mask.ndim == 3 and mask.shape[-1] in (2, 4):  # grey or RGB, with alpha
+        mask = mask[..., : mask.shape[-1] - 1]
     if not strict and mask.ndim == 3 and np.any(mask != mask[..., :1]):
         raise DataError(f"{where}: mask {mask.shape} has channels that differ; expected one")
     if mask.ndim == 3 and (mask.shape[-1] == 1 or not strict):
@@ -100,4 +102,4 @@ def read_mask(
             raise DataError(
                 f"{where}: mask values {values[:8].tolist()} are not in {{0, 255}} (or {{0, 1}})"
             )
-    return (mask > 0).astype(np.uint8)
+    return (mask != 0).astype(np.uint8)

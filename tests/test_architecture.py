@@ -184,7 +184,7 @@ def test_training_and_evaluate_report_the_same_numbers(tiny_config, synthetic_ka
     assert "U-Net features=4 depth=2" in repr(model) and "Array" not in repr(model)
 
 
-def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path):
+def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path, monkeypatch):
     from lggunet import configuration
     from lggunet.configs import cpu
     from lggunet.errors import ConfigError
@@ -227,6 +227,10 @@ def test_saved_configs_of_older_versions_are_upgraded_and_newer_refused(tmp_path
     assert resolved.data.manual_dir == "/new/data" and resolved.data.image_size == 128
     assert resolved.evaluate.tta is False
     assert resolved.eval_batch_size == config.eval_batch_size != 8
+    # On a machine whose devices do not divide the run's eval batch (32 over 3), the given one.
+    monkeypatch.setattr(configuration.jax, "device_count", lambda: 3)
+    given.eval_batch_size = 9
+    assert configuration.for_evaluation(config, given).eval_batch_size == 9
     assert configuration.for_evaluation(None, given).data.image_size == 64
 
 

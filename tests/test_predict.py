@@ -535,6 +535,8 @@ def test_slice_order_gaps_and_unusable_ground_truth_are_named(trained, tmp_path)
     grey.mkdir()
     label16 = data / "P7"  # uint16 0 / 65535: one tumour value, scored
     label16.mkdir()
+    rgba = data / "P8"  # an opaque alpha channel beside grey ones: scored
+    rgba.mkdir()
     for i in (1, 2):
         for folder in (grey, label16):
             tifffile.imwrite(folder / f"{folder.name}_{i}.tif", image(), photometric="rgb")
@@ -543,6 +545,9 @@ def test_slice_order_gaps_and_unusable_ground_truth_are_named(trained, tmp_path)
         truth[10, 10] = 7 if i == 2 else 255
         tifffile.imwrite(grey / f"P6_{i}_mask.tif", truth)
         tifffile.imwrite(label16 / f"P7_{i}_mask.tif", (truth > 0).astype(np.uint16) * 65535)
+        tifffile.imwrite(rgba / f"P8_{i}.tif", image(), photometric="rgb")
+        grey_alpha = np.dstack([(truth > 0) * np.uint8(255)] * 3 + [np.full_like(truth, 255)])
+        tifffile.imwrite(rgba / f"P8_{i}_mask.tif", grey_alpha, photometric="rgb")
     odd_truth = data / "P4"
     odd_truth.mkdir()
     for i in (1, 2):
@@ -566,8 +571,9 @@ def test_slice_order_gaps_and_unusable_ground_truth_are_named(trained, tmp_path)
     assert rows["P2"]["dice"] == rows["P4"]["dice"] == rows["P5"]["dice"] == ""
     assert "P6_2_mask.tif: mask values [0, 7, 255] are not 0 and one tumour value" in err
     assert rows["P6"]["dice"] == "" and rows["P7"]["true_voxels"] == "200"
+    assert rows["P8"]["true_voxels"] == "200" and rows["P8"]["dice"] != ""
     assert rows["P2"]["missing_slices"] == rows["P5"]["missing_slices"] == "1"
-    assert "P5: slice(s) 3 have a ground-truth mask but no image: no NIfTI volume" in err
+    assert "P5: slice(s) 3 missing (a mask lost its image): no NIfTI volume" in err
     assert not (out / "P5" / "P5_pred_mask.nii.gz").exists()
     assert "P1: 12 slice(s) only" not in err and "P2: 3 slice(s) only" in err
 
@@ -582,7 +588,7 @@ def test_an_earlier_prediction_in_output_never_passes_for_this_runs(trained, tmp
     data, other, out = tmp_path / "in" / case, tmp_path / "other" / "P9", tmp_path / "out"
     data.mkdir(parents=True)
     other.mkdir(parents=True)
-    for i in range(3):
+    for i in range(4):
         _slice(data / f"{case}_{i + 1}.tif", i)
         _slice(other / f"P9_{i + 1}.tif", 10 + i)
     model = lggunet.load_model(trained)
@@ -590,6 +596,7 @@ def test_an_earlier_prediction_in_output_never_passes_for_this_runs(trained, tmp
     predict_files.predict_path(model, other.parent, out)  # another patient, same folder
     assert [r["patient"] for r in read_csv(out / "volumes.csv")] == ["P9"]
     (data / f"{case}_2.tif").write_bytes(b"not a tiff")
+    (data / f"{case}_4.tif").unlink()  # the last slice lost: its earlier outputs go too
     (out / "volumes.csv").write_text("an earlier run's\n")
     second = predict_files.predict_path(model, data.parent, out)
     assert any(f"{case}_2.tif: unreadable TIFF" in f for f in second.failures)
@@ -597,6 +604,8 @@ def test_an_earlier_prediction_in_output_never_passes_for_this_runs(trained, tmp
     assert not (out / case / f"{case}_2_overlay.png").exists()
     assert not (out / case / f"{case}_pred_mask.nii.gz").exists()
     assert not (out / case / f"{case}_montage.png").exists()
+    assert not (out / case / f"{case}_4_pred_mask.tif").exists()
+    assert not (out / case / f"{case}_4_overlay.png").exists()
     assert (out / case / f"{case}_3_pred_mask.tif").exists()
     rows = read_csv(out / "volumes.csv")
     assert [(r["patient"], r["missing_slices"], r["dice"]) for r in rows] == [(case, "1", "")]
