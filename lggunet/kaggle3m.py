@@ -223,9 +223,9 @@ def open_source(manual_dir: str | os.PathLike) -> Source:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; {HOW_TO_GET_DATA}")
     if path.is_file():
-        if not zipfile.is_zipfile(path) and path.suffix.lower() == ".zip":
-            raise DataError(f"{path}: a .zip that cannot be opened (damaged or cut short?)")
         if not zipfile.is_zipfile(path):
+            if path.suffix.lower() == ".zip":
+                raise DataError(f"{path}: a .zip that cannot be opened (damaged or cut short?)")
             raise DataError(f"{path}: not a folder and not a zip file; {HOW_TO_GET_DATA}")
         prefix = _zip_prefix(path)
         if prefix is None:
@@ -344,12 +344,11 @@ def _numbering_gaps(images: dict, masks: dict, duplicated: set) -> dict[str, tup
         numbers.setdefault(case, set()).add(index)
     gaps = {}
     for case, present in numbers.items():
-        missing = sorted(set(range(min(present), max(present) + 1)) - present)
-        if missing:
-            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        if missing := slices.missing_numbers(present):
             gaps[case] = (
                 folders[case],
-                f"slice(s) {shown} of {case} missing between {min(present)} and {max(present)}",
+                f"slice(s) {slices.listed(missing)} of {case} missing between {min(present)} "
+                f"and {max(present)}",
             )
     return gaps
 

@@ -378,7 +378,7 @@ def _incomplete(items: list, written: int, absent: list[int]) -> str:
     if order := scans.order_problem(items):
         return order
     if absent:
-        return f"slice(s) {scans.listed(absent)} missing (a mask lost its image)"
+        return f"slice(s) {slices.listed(absent)} missing (a mask lost its image)"
     if written < len(items):
         return f"{len(items) - written} of its {len(items)} slices could not be predicted (above)"
     return ""

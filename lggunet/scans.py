@@ -158,8 +158,7 @@ def slice_number(rel: PurePosixPath) -> tuple[int, str]:
 
 def orphan_masks(images: list[InputFile], masks: dict) -> list[str]:
     """The ground-truth masks whose image is not there (a slice lost), where each lies."""
-    used = {it.mask_key for it in images}
-    return sorted(where for key, (_, where) in masks.items() if key not in used)
+    return sorted(masks[key][1] for key in orphan_keys(images, masks))
 
 
 def orphan_keys(images: list[InputFile], masks: dict) -> list[tuple[str, str]]:
@@ -174,21 +173,13 @@ def absent_numbers(items: list[InputFile], orphans: list[tuple[str, str]]) -> li
     beyond its first or last image."""
     folder = items[0].rel.parent.as_posix().lower()
     series = series_name(PurePosixPath(items[0].rel.name.lower()))
-    numbers = {slice_number(it.rel)[0] for it in items}
-    for key_folder, stem in orphans:
-        rel = PurePosixPath(f"{stem}.tif")
-        if key_folder == folder and series_name(rel) == series:
-            numbers.add(slice_number(rel)[0])
-    numbers.discard(-1)
-    if not numbers:
-        return []
     present = {slice_number(it.rel)[0] for it in items}
-    return sorted(set(range(min(numbers), max(numbers) + 1)) - present)
-
-
-def listed(numbers: list[int]) -> str:
-    """Slice numbers for a message: the first five, then "..."."""
-    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+    lost = {
+        slice_number(rel)[0]
+        for key_folder, stem in orphans
+        if key_folder == folder and series_name(rel := PurePosixPath(f"{stem}.tif")) == series
+    }
+    return sorted(set(slices.missing_numbers((present | lost) - {-1})) | (lost - present - {-1}))
 
 
 def order_problem(items: list[InputFile]) -> str:
@@ -204,9 +195,9 @@ def order_problem(items: list[InputFile]) -> str:
         if n in seen:
             return f"slice number {n} is used twice ({seen[n]}, {it.rel.name})"
         seen[n] = it.rel.name
-    missing = sorted(set(range(min(numbers), max(numbers) + 1)) - set(numbers))
-    if missing:
-        return f"slice(s) {listed(missing)} missing between {min(numbers)} and {max(numbers)}"
+    if missing := slices.missing_numbers(numbers):
+        shown = slices.listed(missing)
+        return f"slice(s) {shown} missing between {min(numbers)} and {max(numbers)}"
     return ""
 
 

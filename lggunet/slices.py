@@ -26,6 +26,17 @@ SLICE_NAME = re.compile(
 )
 
 
+def missing_numbers(numbers) -> list[int]:
+    """The slice numbers between the lowest and highest of `numbers` that are not among them."""
+    present = set(numbers)
+    return sorted(set(range(min(present), max(present) + 1)) - present) if present else []
+
+
+def listed(numbers: list[int]) -> str:
+    """Slice numbers for a message: the first five, then "..."."""
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+
+
 def safe_member(name: str) -> PurePosixPath | None:
     """A zip member's path as a relative path that stays inside the folder it is read or
     written under; None for an absolute path, a '..' or a ':' (a drive; zip-slip)."""
