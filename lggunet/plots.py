@@ -20,7 +20,11 @@ def figure(**kwargs) -> Figure:
     return fig
 
 
-LOSS_TITLES = {"dice": "loss (-Dice, smooth=100)", "bce_dice": "loss (BCE - Dice, smooth=100)"}
+LOSS_TITLES = {
+    "dice": "loss (-Dice, smooth=100)",
+    "bce_dice": "loss (BCE - Dice, smooth=100)",
+    "topk_bce_dice": "loss (BCE of the hardest 10% - Dice, smooth=100)",
+}
 
 
 def training_curves(

@@ -91,6 +91,27 @@ def test_bce_dice_loss_matches_numpy(soft_batch):
     np.testing.assert_allclose(losses.bce_dice_loss(logits, t), bce - np_dice(t, p), rtol=1e-4)
 
 
+def test_topk_bce_dice_loss_matches_numpy(soft_batch):
+    t, p = soft_batch
+    logits = np.log(p / (1 - p))
+    per_pixel = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+    for w, kept in ((None, [0, 1, 2, 3]), (np.array([1, 0, 1, 1], np.float32), [0, 2, 3])):
+        values = np.sort(per_pixel[kept].ravel())[::-1]
+        k = round(0.1 * values.size)
+        expected = values[:k].mean() - np_dice(t[kept], p[kept])
+        got = losses.get_loss("topk_bce_dice")(logits, t, w)
+        np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # Hand case: 10 pixels, one confidently missed (p = e^-5 where t = 1): the hardest 10% is
+    # that pixel alone, so its cross-entropy counts in full (5), where plain BCE averages it
+    # with 9 easy ones.
+    truth = np.zeros((1, 1, 10, 1), np.float32)
+    truth[0, 0, 0] = 1
+    logits = np.full((1, 1, 10, 1), -20.0, np.float32)
+    logits[0, 0, 0] = np.log(np.exp(-5) / (1 - np.exp(-5)))
+    bce_part = losses.topk_bce_dice_loss(logits, truth) - losses.dice_loss(logits, truth)
+    np.testing.assert_allclose(bce_part, 5.0, rtol=1e-4)
+
+
 def np_tversky(t, p, beta, s=100.0):
     t, p = t.ravel().astype(np.float64), p.ravel().astype(np.float64)
     tp = np.sum(t * p)

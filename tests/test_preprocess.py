@@ -135,6 +135,28 @@ def test_train_and_eval_steps_use_the_configured_tversky_beta(tiny_config):
     np.testing.assert_allclose(evaluated["loss"], bce - tversky, rtol=1e-4)
 
 
+def test_train_step_minimises_the_topk_loss_the_config_names(tiny_config):
+    """loss="topk_bce_dice": the train step's loss is the cross-entropy of the hardest 10% of
+    the real examples' pixels (NumPy, the padding example left out) minus their Dice."""
+    config = tiny_config
+    config.augment.enabled = False
+    config.loss = "topk_bce_dice"
+    state = fresh_state(config)
+    batch = make_batch(np.random.default_rng(9), n=4, size=32)
+    options = steps.StepOptions.from_config(config)
+    images, masks, _ = steps.preprocess(batch, 32, options.normalize)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])[0]
+    p = np.asarray(jax.nn.sigmoid(logits), np.float64)[:3]  # the 4th example is padding
+    t = np.asarray(masks, np.float64)[:3]
+    per_pixel = np.sort((-(t * np.log(p) + (1 - t) * np.log(1 - p))).ravel())[::-1]
+    hardest = per_pixel[: round(0.1 * per_pixel.size)].mean()
+    dice = (2 * np.sum(t * p) + 100) / (np.sum(t) + np.sum(p) + 100)
+    _, out = train.train_step(state, batch, jax.random.key(1), options)
+    np.testing.assert_allclose(out["loss"], hardest - dice, rtol=1e-4)
+    assert hardest > 1.5 * per_pixel.mean()  # not the plain BCE in disguise
+
+
 def test_train_step_with_deep_supervision_adds_the_heads_loss(tiny_config):
     """model.deep_supervision=1 (depth 2): the train step minimises (L0 + L1 / 2) / 1.5, where
     L0 is BCE + Dice of the full-size logits and L1 that of the level-1 head against the 2x2

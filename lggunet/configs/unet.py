@@ -23,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the last step (per step, inside the train step); the plateau fields are then unused.
     config.lr_schedule = "plateau"
     config.warmup_epochs = 0.0
-    config.loss = "dice"  # "dice" (the notebook's -Dice, smooth=100) or "bce_dice"
+    # "dice" (the notebook's -Dice, smooth=100), "bce_dice", or "topk_bce_dice" (BCE over the
+    # hardest 10% of the pixels, nnU-Net's TopK10, plus Dice).
+    config.loss = "dice"
     # The loss's overlap term as a Tversky index: (2TP+s) / (2TP + 2(1-b)FP + 2b FN + s).
     # 0.5 is the notebook's Dice; above it a missed tumour pixel costs more than a false alarm.
     config.tversky_beta = 0.5
