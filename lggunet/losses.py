@@ -72,7 +72,8 @@ def topk_bce_dice_loss(
     if weights is None:
         weights = jnp.ones(bce.shape[:1], jnp.float32)
     w = weights.astype(jnp.float32)
-    per_pixel = jnp.where(w.reshape(-1, *[1] * (bce.ndim - 1)) > 0, bce, -1.0).reshape(-1)
+    # Padding counts 0, below every real pixel's value (or equal: then it adds the same 0).
+    per_pixel = jnp.where(w.reshape(-1, *[1] * (bce.ndim - 1)) > 0, bce, 0.0).reshape(-1)
     pixels_per_example = per_pixel.size // bce.shape[0]
     k_max = max(1, int(TOPK_FRACTION * per_pixel.size + 0.5))
     k = jnp.clip(jnp.round(TOPK_FRACTION * jnp.sum(w > 0) * pixels_per_example), 1, k_max)

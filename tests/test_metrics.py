@@ -110,6 +110,12 @@ def test_topk_bce_dice_loss_matches_numpy(soft_batch):
     logits[0, 0, 0] = np.log(np.exp(-5) / (1 - np.exp(-5)))
     bce_part = losses.topk_bce_dice_loss(logits, truth) - losses.dice_loss(logits, truth)
     np.testing.assert_allclose(bce_part, 5.0, rtol=1e-4)
+    # A batch of padding only (weights 0) adds no cross-entropy, as bce_dice.
+    nothing = np.zeros(1, np.float32)
+    bce_part = losses.topk_bce_dice_loss(logits, truth, nothing) - losses.dice_loss(
+        logits, truth, nothing
+    )
+    assert float(bce_part) == 0.0
 
 
 def np_tversky(t, p, beta, s=100.0):
