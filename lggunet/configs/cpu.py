@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     # The schedule ends at rate 0, so the last weights are the converged ones: +0.015 over
     # the best-by-validation-loss checkpoint with TTA on the same cross-validation.
     config.evaluate.checkpoint = "last"
+    # Dice + TopK10 cross-entropy ("topk_bce_dice") screened worse: -0.051 with TTA on fold 0
+    # (RESULTS.md, session 31).
     config.loss = "bce_dice"
     config.log_every_steps = 20
     # Off: the cosine schedule fixes the run's length and the last checkpoint is kept. With
